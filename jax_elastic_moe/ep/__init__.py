@@ -1,0 +1,1 @@
+"""Expert parallelism: replica choice, dispatch and combine (reference and FFI backends)."""
