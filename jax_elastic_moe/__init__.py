@@ -1,5 +1,9 @@
 """jax-elastic-moe: a fault-tolerant expert-parallel MoE inference engine for JAX."""
 from . import placement
-from .placement import Placement
+from .config import ConfigError, ModelConfig
+from .engine import Engine, GenerationResult
+from .model.loader import CheckpointError
+from .placement import Placement, PlacementError
 
-__all__ = ["placement", "Placement"]
+__all__ = ["Engine", "GenerationResult", "ModelConfig", "ConfigError", "CheckpointError", "Placement",
+           "PlacementError", "placement"]

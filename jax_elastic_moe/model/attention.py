@@ -1,0 +1,123 @@
+"""Attention with a KV cache written at each token's position: GQA (Mixtral, Qwen) and MLA
+(DeepSeek-V3, caching the compressed latent).
+
+The cache of one layer is a dict of arrays with batch first and a fixed length L (positions 0..L-1).
+Prefill and decode are the same code: new keys are written at `positions`, then every query attends
+to the cache entries at positions <= its own (stale entries past a sequence's end are masked)."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from ..config import ModelConfig, yarn_mscale
+from .layers import Linear, RMSNorm, apply_rope
+
+
+def _write(cache, new, positions):
+    """cache [B, L, ...], new [B, S, ...], positions [B, S] -> cache with new rows at positions."""
+    b = jnp.arange(cache.shape[0])[:, None]
+    return cache.at[b, positions].set(new.astype(cache.dtype), mode="drop")
+
+
+def _mask(positions, cache_len: int, window: int | None):
+    """[B, S, L] bool: query at position p sees keys at positions <= p (and > p - window)."""
+    kpos = jnp.arange(cache_len)[None, None, :]
+    qpos = positions[:, :, None]
+    m = kpos <= qpos
+    if window:
+        m = m & (kpos > qpos - window)
+    return m
+
+
+def _softmax_scores(scores, mask):
+    scores = jnp.where(mask, scores.astype(jnp.float32), -jnp.inf)
+    return jax.nn.softmax(scores, axis=-1)
+
+
+class GQAttention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs):
+        h, kvh, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.cfg = cfg
+        self.q = Linear(cfg.hidden_size, h * d, bias=cfg.qkv_bias, cfg=cfg, dtype=dtype, rngs=rngs)
+        self.k = Linear(cfg.hidden_size, kvh * d, bias=cfg.qkv_bias, cfg=cfg, dtype=dtype, rngs=rngs)
+        self.v = Linear(cfg.hidden_size, kvh * d, bias=cfg.qkv_bias, cfg=cfg, dtype=dtype, rngs=rngs)
+        self.o = Linear(h * d, cfg.hidden_size, bias=cfg.o_bias, cfg=cfg, dtype=dtype, rngs=rngs)
+        self.q_norm = RMSNorm(d, cfg.rms_norm_eps, dtype) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(d, cfg.rms_norm_eps, dtype) if cfg.qk_norm else None
+
+    @staticmethod
+    def empty_cache(cfg: ModelConfig, batch: int, length: int, dtype):
+        shape = (batch, length, cfg.num_kv_heads, cfg.head_dim)
+        return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+
+    def __call__(self, x, positions, cos, sin, cache):
+        cfg = self.cfg
+        b, s, _ = x.shape
+        h, kvh, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        q = self.q(x).reshape(b, s, h, d)
+        k = self.k(x).reshape(b, s, kvh, d)
+        v = self.v(x).reshape(b, s, kvh, d)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        cache = {"k": _write(cache["k"], k, positions), "v": _write(cache["v"], v, positions)}
+        length = cache["k"].shape[1]
+        qg = q.reshape(b, s, kvh, h // kvh, d)
+        scores = jnp.einsum("bskgd,btkd->bkgst", qg, cache["k"]) * (d ** -0.5)
+        probs = _softmax_scores(scores, _mask(positions, length, cfg.sliding_window)[:, None, None])
+        out = jnp.einsum("bkgst,btkd->bskgd", probs.astype(x.dtype), cache["v"]).reshape(b, s, h * d)
+        return self.o(out), cache
+
+
+class MLAttention(nnx.Module):
+    """Multi-head latent attention; the cache holds the normalised latent and the roped shared key."""
+
+    def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs):
+        self.cfg = cfg
+        h, hd = cfg.num_heads, cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
+        if cfg.q_lora_rank:
+            self.q_a = Linear(cfg.hidden_size, cfg.q_lora_rank, bias=cfg.qkv_bias, cfg=cfg, dtype=dtype, rngs=rngs)
+            self.q_a_norm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps, dtype)
+            self.q_b = Linear(cfg.q_lora_rank, h * hd, bias=False, cfg=cfg, dtype=dtype, rngs=rngs)
+            self.q = None
+        else:
+            self.q = Linear(cfg.hidden_size, h * hd, bias=False, cfg=cfg, dtype=dtype, rngs=rngs)
+        self.kv_a = Linear(cfg.hidden_size, cfg.kv_lora_rank + cfg.qk_rope_head_dim, bias=cfg.qkv_bias,
+                           cfg=cfg, dtype=dtype, rngs=rngs)
+        self.kv_a_norm = RMSNorm(cfg.kv_lora_rank, cfg.rms_norm_eps, dtype)
+        self.kv_b = Linear(cfg.kv_lora_rank, h * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False,
+                           cfg=cfg, dtype=dtype, rngs=rngs)
+        self.o = Linear(h * cfg.v_head_dim, cfg.hidden_size, bias=cfg.o_bias, cfg=cfg, dtype=dtype, rngs=rngs)
+        scale = hd ** -0.5
+        rs = cfg.rope_scaling_dict
+        if rs and rs.get("mscale_all_dim"):
+            scale *= yarn_mscale(float(rs["factor"]), rs["mscale_all_dim"]) ** 2
+        self.scale = scale
+
+    @staticmethod
+    def empty_cache(cfg: ModelConfig, batch: int, length: int, dtype):
+        return {"latent": jnp.zeros((batch, length, cfg.kv_lora_rank), dtype),
+                "k_rope": jnp.zeros((batch, length, cfg.qk_rope_head_dim), dtype)}
+
+    def __call__(self, x, positions, cos, sin, cache):
+        cfg = self.cfg
+        b, s, _ = x.shape
+        h, nope, rope, vd = cfg.num_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+        q = self.q(x) if self.q is not None else self.q_b(self.q_a_norm(self.q_a(x)))
+        q = q.reshape(b, s, h, nope + rope)
+        q_nope, q_rope = q[..., :nope], q[..., nope:]
+        kv = self.kv_a(x)
+        latent, k_rope = self.kv_a_norm(kv[..., :cfg.kv_lora_rank]), kv[..., cfg.kv_lora_rank:]
+        q_rope = apply_rope(q_rope, cos, sin, cfg.rope_interleave)
+        k_rope = apply_rope(k_rope[:, :, None, :], cos, sin, cfg.rope_interleave)[:, :, 0, :]
+        cache = {"latent": _write(cache["latent"], latent, positions),
+                 "k_rope": _write(cache["k_rope"], k_rope, positions)}
+        length = cache["latent"].shape[1]
+        kv_full = self.kv_b(cache["latent"]).reshape(b, length, h, nope + vd)
+        k_nope, v = kv_full[..., :nope], kv_full[..., nope:]
+        scores = (jnp.einsum("bshd,bthd->bhst", q_nope, k_nope)
+                  + jnp.einsum("bshd,btd->bhst", q_rope, cache["k_rope"])) * self.scale
+        probs = _softmax_scores(scores, _mask(positions, length, None)[:, None])
+        out = jnp.einsum("bhst,bthd->bshd", probs.astype(x.dtype), v).reshape(b, s, h * vd)
+        return self.o(out), cache

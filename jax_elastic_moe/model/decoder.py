@@ -1,0 +1,73 @@
+"""The decoder: embeddings, a stack of (attention, dense MLP or MoE) layers, final norm, LM head."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from ..config import ModelConfig
+from .attention import GQAttention, MLAttention
+from .layers import MLP, Linear, RMSNorm, normal, rope_cos_sin, rope_inv_freq
+from .moe import EPContext, MoEBlock
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, cfg: ModelConfig, layer: int, num_slots: int, dtype, rngs: nnx.Rngs):
+        self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.post_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.attn = (MLAttention if cfg.attention == "mla" else GQAttention)(cfg, dtype, rngs)
+        self.is_moe = cfg.moe_layers[layer]
+        self.mlp = (MoEBlock(cfg, num_slots, dtype, rngs) if self.is_moe
+                    else MLP(cfg.hidden_size, cfg.intermediate_size, cfg, dtype, rngs))
+
+
+class MoEModel(nnx.Module):
+    """A causal MoE language model of any supported family (see ModelConfig).
+
+    `num_slots` physical expert slots per MoE layer; __call__ runs on one rank's share of the batch
+    inside shard_map (or alone on one device) and exchanges tokens with the other ranks."""
+
+    def __init__(self, cfg: ModelConfig, num_slots: int, dtype=jnp.float32, rngs: nnx.Rngs | None = None):
+        rngs = rngs or nnx.Rngs(0)
+        self.cfg = cfg
+        self.dtype = dtype
+        self.embed = nnx.Param(normal(rngs, (cfg.vocab_size, cfg.hidden_size), cfg.initializer_range, dtype))
+        self.layers = nnx.List([DecoderLayer(cfg, i, num_slots, dtype, rngs) for i in range(cfg.num_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.lm_head = (None if cfg.tie_word_embeddings
+                        else Linear(cfg.hidden_size, cfg.vocab_size, bias=False, cfg=cfg, dtype=dtype, rngs=rngs))
+
+    def empty_cache(self, batch: int, length: int):
+        attn = MLAttention if self.cfg.attention == "mla" else GQAttention
+        return [attn.empty_cache(self.cfg, batch, length, self.dtype) for _ in range(self.cfg.num_layers)]
+
+    def __call__(self, tokens, positions, cache, ctx: EPContext):
+        """tokens, positions [B, S] int32; cache: list of per-layer dicts.
+        Returns (hidden [B, S, H] after the final norm, new cache, expert counts [Lm, E] int32)."""
+        x = self.embed[...][tokens]
+        inv_freq, rope_scale = rope_inv_freq(self.cfg)
+        cos, sin = rope_cos_sin(positions, inv_freq, rope_scale, self.dtype)
+        new_cache, counts = [], []
+        moe_index = 0
+        for layer, layer_cache in zip(self.layers, cache):
+            with jax.named_scope("attention"):
+                a, layer_cache = layer.attn(layer.input_norm(x), positions, cos, sin, layer_cache)
+            new_cache.append(layer_cache)
+            x = x + a
+            h = layer.post_norm(x)
+            if layer.is_moe:
+                with jax.named_scope("moe"):
+                    m, c = layer.mlp(h, ctx.log2phy[moe_index], ctx)
+                counts.append(c)
+                moe_index += 1
+            else:
+                m = layer.mlp(h)
+            x = x + m
+        counts = jnp.stack(counts) if counts else jnp.zeros((0, self.cfg.num_experts), jnp.int32)
+        return self.norm(x), new_cache, counts
+
+    def logits(self, hidden):
+        """hidden [..., H] -> float32 logits [..., V]."""
+        if self.lm_head is None:
+            return jnp.einsum("...h,vh->...v", hidden, self.embed[...]).astype(jnp.float32)
+        return self.lm_head(hidden).astype(jnp.float32)

@@ -1,0 +1,114 @@
+"""The MoE block: router, shared experts, and routed experts held in physical slots that are
+spread over the expert-parallel ranks. Runs inside shard_map: each rank holds `slots_per_rank`
+slots and its own share of the tokens."""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from ..config import ModelConfig
+from ..ep import reference as ep
+from .layers import MLP, Linear, normal
+
+
+@dataclasses.dataclass(frozen=True)
+class EPContext:
+    """What the MoE layers of one step need to know about expert parallelism on this rank.
+
+    log2phy [Lm, E, R] int32 and active [N] int32 are traced (never static: a new placement or
+    mask never recompiles); token_index [T] int32 numbers this rank's tokens globally; valid [T]
+    bool marks real (non-padding) tokens for the load statistics."""
+    log2phy: jax.Array
+    active: jax.Array
+    token_index: jax.Array
+    valid: jax.Array
+    num_ranks: int
+    slots_per_rank: int
+    axis_name: str | None   # None: a single rank, no exchange
+
+
+def route(cfg: ModelConfig, x, router_w, bias):
+    """Router: x [T, H] -> logical ids [T, K] int32, weights [T, K] float32."""
+    k = cfg.num_experts_per_tok
+    if cfg.router == "softmax":
+        logits = jnp.einsum("th,he->te", x, router_w)
+        probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+        w, ids = jax.lax.top_k(probs, k)
+        if cfg.norm_topk_prob:
+            w = w / jnp.sum(w, axis=-1, keepdims=True)
+        return ids.astype(jnp.int32), w
+    # sigmoid scores, correction bias, grouped top-k (DeepSeek-V3)
+    logits = jnp.einsum("th,he->te", x.astype(jnp.float32), router_w.astype(jnp.float32))
+    scores = jax.nn.sigmoid(logits)
+    choice = scores + bias.astype(jnp.float32)[None, :]
+    t, e = choice.shape
+    per_group = e // cfg.n_group
+    if cfg.n_group > 1:
+        top2 = jax.lax.top_k(choice.reshape(t, cfg.n_group, per_group), min(2, per_group))[0]
+        _, groups = jax.lax.top_k(top2.sum(-1), cfg.topk_group)
+        keep = jnp.zeros((t, cfg.n_group), bool).at[jnp.arange(t)[:, None], groups].set(True)
+        choice = jnp.where(jnp.repeat(keep, per_group, axis=1), choice, -jnp.inf)
+    _, ids = jax.lax.top_k(choice, k)
+    w = jnp.take_along_axis(scores, ids, axis=-1)
+    if cfg.norm_topk_prob:
+        w = w / (jnp.sum(w, axis=-1, keepdims=True) + 1e-20)
+    return ids.astype(jnp.int32), w * cfg.routed_scaling_factor
+
+
+def routed_experts(x, ids, weights, w_gate, w_up, w_down, log2phy, ctx: EPContext):
+    """x [T, H]; ids/weights [T, K]; local expert weights [S, H, I] / [S, I, H]; log2phy [E, R].
+    Returns [T, H]: sum over top-k of weight * expert(x), the experts run wherever their slots are."""
+    n, spr = ctx.num_ranks, ctx.slots_per_rank
+    t = x.shape[0]
+    slots = ep.choose_slots(ids, ctx.token_index, log2phy, ctx.active, spr)
+    send_x, send_slot, send_w, _, src_token = ep.dispatch(x, slots, weights.astype(x.dtype), n, spr)
+    if ctx.axis_name is not None and n > 1:
+        a2a = lambda a: jax.lax.all_to_all(a, ctx.axis_name, 0, 0, tiled=True)
+        send_x, send_slot, send_w = a2a(send_x), a2a(send_slot), a2a(send_w)
+    k = send_slot.shape[-1]
+    grouped, sizes, entry_row, entry_w = ep.regroup(send_x.reshape(n * t, -1), send_slot.reshape(n * t, k),
+                                                    send_w.reshape(n * t, k), spr)
+    y = ep.expert_mlp(grouped, sizes, w_gate, w_up, w_down)
+    rows = ep.ungroup(y, entry_row, entry_w, n * t).reshape(n, t, -1)
+    if ctx.axis_name is not None and n > 1:
+        rows = jax.lax.all_to_all(rows, ctx.axis_name, 0, 0, tiled=True)
+    return ep.combine(rows, src_token, ctx.active, t)
+
+
+class MoEBlock(nnx.Module):
+    """Routed experts in physical slot layout [slots, ...] plus optional shared experts."""
+
+    def __init__(self, cfg: ModelConfig, num_slots: int, dtype, rngs: nnx.Rngs):
+        self.cfg = cfg
+        h, i = cfg.hidden_size, cfg.moe_intermediate_size
+        std = cfg.initializer_range
+        self.router = nnx.Param(normal(rngs, (h, cfg.num_experts), std,
+                                       jnp.float32 if cfg.router == "sigmoid_grouped" else dtype))
+        self.router_bias = (nnx.Param(jnp.zeros((cfg.num_experts,), jnp.float32))
+                            if cfg.router == "sigmoid_grouped" else None)
+        self.w_gate = nnx.Param(normal(rngs, (num_slots, h, i), std, dtype))
+        self.w_up = nnx.Param(normal(rngs, (num_slots, h, i), std, dtype))
+        self.w_down = nnx.Param(normal(rngs, (num_slots, i, h), std, dtype))
+        self.shared = MLP(h, cfg.shared_intermediate_size, cfg, dtype, rngs) if cfg.shared_intermediate_size else None
+        self.shared_gate = Linear(h, 1, bias=False, cfg=cfg, dtype=dtype, rngs=rngs) if cfg.shared_expert_gate else None
+
+    def __call__(self, x, log2phy, ctx: EPContext):
+        """x [B, S, H] -> ([B, S, H], expert token counts [E] int32 over valid tokens, all ranks)."""
+        b, s, h = x.shape
+        flat = x.reshape(b * s, h)
+        ids, w = route(self.cfg, flat, self.router[...],
+                       None if self.router_bias is None else self.router_bias[...])
+        counts = jnp.zeros((self.cfg.num_experts,), jnp.int32).at[ids].add(
+            jnp.broadcast_to(ctx.valid[:, None], ids.shape).astype(jnp.int32))
+        if ctx.axis_name is not None and ctx.num_ranks > 1:
+            counts = jax.lax.psum(counts, ctx.axis_name)
+        out = routed_experts(flat, ids, w, self.w_gate[...], self.w_up[...], self.w_down[...], log2phy, ctx)
+        if self.shared is not None:
+            sh = self.shared(flat)
+            if self.shared_gate is not None:
+                sh = jax.nn.sigmoid(self.shared_gate(flat)) * sh
+            out = out + sh
+        return out.reshape(b, s, h), counts
