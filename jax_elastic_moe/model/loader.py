@@ -124,12 +124,15 @@ def _convert(cfg: ModelConfig, path: tuple, idx: _TensorIndex, shape: tuple) -> 
         if idx.get(names[0]) is None and idx.get(fused + "down_proj") is not None:
             return _fused_experts(cfg, path, idx, fused)
         mats = []
+        want = tuple(shape[1:][::-1])      # torch layout [out, in]
         for n in names:
             t = idx.get(n)
             if t is None:
                 raise CheckpointError(f"missing tensor {n}")
+            if tuple(t.shape) != want:
+                raise CheckpointError(f"tensor {n} has shape {tuple(t.shape)}, expected {want}")
             mats.append(t.T)
-        arr = np.stack(mats)
+        return np.stack(mats)
     else:
         arr = idx.get(names)
         if arr is None:
@@ -141,9 +144,9 @@ def _convert(cfg: ModelConfig, path: tuple, idx: _TensorIndex, shape: tuple) -> 
         elif leaf == "b" and arr.ndim != 1:
             raise CheckpointError(f"tensor {names} has shape {arr.shape}, expected {shape}")
     if tuple(arr.shape) != tuple(shape):
-        raise CheckpointError(f"tensor {names if isinstance(names, str) else names[0]} has shape "
-                              f"{tuple(arr.shape) if isinstance(names, str) else arr.shape[1:][::-1]}, "
-                              f"expected {shape if isinstance(names, str) else shape[1:][::-1]}")
+        shown = arr.shape[::-1] if leaf in ("w", "router") else arr.shape
+        raise CheckpointError(f"tensor {names} has shape {tuple(shown)}, expected "
+                              f"{tuple(shape[::-1]) if leaf in ('w', 'router') else tuple(shape)}")
     return arr
 
 
@@ -151,10 +154,17 @@ def _fused_experts(cfg, path, idx, prefix):
     """Experts stored fused (transformers >= 5 in memory): gate_up_proj [E, 2I, H], down_proj [E, H, I]."""
     i = cfg.moe_intermediate_size
     if path[-1] == "w_down":
-        return np.swapaxes(idx.get(prefix + "down_proj"), 1, 2)
+        arr = np.swapaxes(idx.get(prefix + "down_proj"), 1, 2)
+        if arr.shape != (cfg.num_experts, i, cfg.hidden_size):
+            raise CheckpointError(f"tensor {prefix}down_proj has shape {arr.shape}, expected "
+                                  f"{(cfg.num_experts, cfg.hidden_size, i)}")
+        return arr
     gate_up = idx.get(prefix + "gate_up_proj")
     if gate_up is None:
         raise CheckpointError(f"missing tensor {prefix}gate_up_proj")
+    if gate_up.shape != (cfg.num_experts, 2 * i, cfg.hidden_size):
+        raise CheckpointError(f"tensor {prefix}gate_up_proj has shape {gate_up.shape}, expected "
+                              f"{(cfg.num_experts, 2 * i, cfg.hidden_size)}")
     part = gate_up[:, :i] if path[-1] == "w_gate" else gate_up[:, i:]
     return np.swapaxes(part, 1, 2)
 
