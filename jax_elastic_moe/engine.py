@@ -4,6 +4,8 @@ from __future__ import annotations
 import collections
 import dataclasses
 import os
+import re
+import threading
 import time
 from typing import Sequence
 
@@ -14,6 +16,7 @@ import numpy as np
 from .config import ConfigError, ModelConfig, load_config_file
 from .model.loader import load_checkpoint, random_params
 from .placement import Placement, PlacementError, rebalance, validate
+from .runtime.controller import Controller, EngineDead, RankFailure, RecoveryRecord, compact
 from .runtime.spmd import SpmdRunner
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -57,18 +60,36 @@ def local_devices(num_ranks: int):
     return devices[:num_ranks]
 
 
+@dataclasses.dataclass
+class _Request:
+    id: int
+    prompt: list[int]
+    out: list[int] = dataclasses.field(default_factory=list)
+    done: bool = False
+
+    @property
+    def context(self) -> list[int]:
+        return self.prompt + self.out
+
+
 class Engine:
     """Batch inference of a MoE model with expert parallelism over `num_ranks` ranks.
 
-    Physical expert slots = logical experts + redundant_experts, spread evenly over the ranks."""
+    Physical expert slots = logical experts + redundant_experts, spread evenly over the ranks. When a
+    rank fails, the controller decides a new epoch over the survivors, the runtime applies it (spmd: a
+    new mesh over the surviving devices, resharded weights, recompiled steps) and the interrupted step
+    runs again; requests keep their tokens so far."""
 
     def __init__(self, cfg: ModelConfig, params: dict, *, num_ranks: int = 1, redundant_experts: int = 0,
                  dtype: str = "float32", tokenizer=None, placement_policy: str = "round_robin",
-                 max_batch_size: int = 64, load_window: int = 64):
+                 recovery_policy: str | None = None, max_batch_size: int = 64, load_window: int = 64,
+                 backup: str | None = "host", precompile_fallbacks: bool = False):
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
         if redundant_experts < 0:
             raise ValueError(f"redundant_experts must be >= 0, got {redundant_experts}")
+        if backup not in ("host", None):
+            raise ValueError(f"backup must be 'host' or None, got {backup!r}")
         num_slots = cfg.num_experts + redundant_experts
         if num_slots % num_ranks:
             raise ValueError(
@@ -79,16 +100,29 @@ class Engine:
         self.slots_per_rank = num_slots // num_ranks
         self.max_replicas = redundant_experts + 1
         self.max_batch_size = max_batch_size
-        self.placement_policy = placement_policy
-        self._active = np.ones(num_ranks, np.int32)
+        self.mode = "spmd"
         self._loads = collections.deque(maxlen=load_window)
         self._closed = False
+        self._dead: EngineDead | None = None
+        self._controller = Controller(num_ranks, self.slots_per_rank, self.max_replicas,
+                                      recovery_policy or placement_policy)
         placement = self._fit(rebalance(np.ones((cfg.num_moe_layers, cfg.num_experts)), num_ranks,
                                         self.slots_per_rank, policy=placement_policy))
-        self._runner = SpmdRunner(cfg, params, placement, local_devices(num_ranks), DTYPES[dtype])
+        self._devices = local_devices(num_ranks)
+        self._mesh_ranks = list(range(num_ranks))       # global rank of each device of the mesh
+        self._active = np.ones(num_ranks, np.int32)
         self._placement = placement
-        self._log2phy = self._runner.put_replicated(placement.log2phy)
-        self._active_dev = self._runner.put_replicated(self._active)
+        self._runner = SpmdRunner.create(cfg, DTYPES[dtype], self._devices, placement, params)
+        self._backup = ({p: a for p, a in params.items() if p[-1] in ("w_gate", "w_up", "w_down")}
+                        if backup == "host" else None)
+        self._failures: list[tuple[int, int | None]] = []   # (rank, at_step) injected, not yet fired
+        self._fail_lock = threading.Lock()
+        self._precompile = precompile_fallbacks
+        self._fallbacks: dict[frozenset, dict] = {}
+        self._fallback_thread: threading.Thread | None = None
+        self._pending_record: tuple[RecoveryRecord, float, float] | None = None
+        self._last_good = time.perf_counter()
+        self.step_times: list[float] = []
 
     # -- construction -----------------------------------------------------------------------------
     @classmethod
@@ -116,6 +150,8 @@ class Engine:
                    redundant_experts=redundant_experts, dtype=dtype, **kw)
 
     def close(self):
+        if self._fallback_thread is not None:
+            self._fallback_thread.join()
         self._closed = True
         self._runner = None
 
@@ -126,18 +162,26 @@ class Engine:
         self.close()
 
     def _check_open(self):
+        if self._dead is not None:
+            raise EngineDead(f"the engine has stopped: {self._dead}")
         if self._closed:
             raise RuntimeError("the engine is closed")
 
     # -- placement ----------------------------------------------------------------------------------
     @property
     def placement(self) -> Placement:
+        """The current placement in global rank numbering (a dead rank's slots are empty)."""
         return self._placement
 
     @property
     def active(self) -> np.ndarray:
         """[num_ranks] int32: 1 for the ranks taking part in the current epoch."""
         return self._active.copy()
+
+    @property
+    def alive(self) -> np.ndarray:
+        """[num_ranks] bool: ranks not lost to a failure."""
+        return self._controller.alive.copy()
 
     def _fit(self, p: Placement) -> Placement:
         if p.num_ranks != self.num_ranks or p.slots_per_rank != self.slots_per_rank:
@@ -159,11 +203,10 @@ class Engine:
     def set_placement(self, p: Placement):
         """Installs any valid placement: expert weights move between slots; nothing recompiles."""
         self._check_open()
-        p = self._fit(validate(p))
+        p = self._fit(validate(p, self.alive))
         self._check_live(p, self._active)
-        self._runner.move_experts(self._placement, p)
+        self._runner.set_placement(compact(p, self.alive))
         self._placement = p
-        self._log2phy = self._runner.put_replicated(p.log2phy)
 
     def set_active(self, active: Sequence[int]):
         """Sets the active-ranks mask (int 0/1 per rank): inactive ranks receive no tokens."""
@@ -171,15 +214,114 @@ class Engine:
         active = np.asarray(active, np.int32)
         if active.shape != (self.num_ranks,) or not np.isin(active, (0, 1)).all():
             raise ValueError(f"active must be {self.num_ranks} values of 0 or 1, got {active.tolist()}")
+        if (active.astype(bool) & ~self.alive).any():
+            raise ValueError(f"ranks {np.nonzero(active.astype(bool) & ~self.alive)[0].tolist()} are dead")
         self._check_live(self._placement, active)
         self._active = active
-        self._active_dev = self._runner.put_replicated(active)
+        self._runner.set_active(active[self._mesh_ranks])
 
     def expert_loads(self) -> np.ndarray:
         """[Lm, E] tokens routed to each logical expert over the last steps (the load window)."""
         if not self._loads:
             return np.zeros((self.cfg.num_moe_layers, self.cfg.num_experts), np.int64)
         return np.sum(self._loads, axis=0)
+
+    # -- failures -----------------------------------------------------------------------------------
+    def fail_rank(self, rank: int, how: str = "kill", at_step: int | None = None):
+        """Injects the failure of `rank`: now (at the next step), or when generation step `at_step`
+        starts (step 0 = prefill, k = the k-th decode step of a generate call). May be called from
+        another thread while generate runs. spmd mode loses the rank's device (how="kill")."""
+        if how != "kill":
+            raise ValueError(f"mode={self.mode!r} injects how='kill' only (got {how!r}); "
+                             f"hang, slow and drop need mode='mooncake'")
+        if not 0 <= rank < self.num_ranks or not self.alive[rank]:
+            raise ValueError(f"rank {rank} is not a live rank (alive: {np.nonzero(self.alive)[0].tolist()})")
+        with self._fail_lock:
+            self._failures.append((int(rank), at_step))
+
+    def _due_failures(self, step: int):
+        with self._fail_lock:
+            due = [r for r, at in self._failures if at is None or at <= step]
+            self._failures = [(r, at) for r, at in self._failures if not (at is None or at <= step)]
+        if due:
+            raise RankFailure(due, "injected")
+
+    @staticmethod
+    def _ranks_named(error: Exception, mesh_ranks: list[int]) -> list[int]:
+        """Ranks named by an XLA runtime error ("... device 3 ..."), in global numbering."""
+        found = {int(m) for m in re.findall(r"[Dd]evice[ _:#]*(\d+)", str(error))}
+        return [mesh_ranks[i] for i in sorted(found) if i < len(mesh_ranks)]
+
+    def stats(self) -> dict:
+        """The epoch, active ranks, and one record per recovery."""
+        return {"mode": self.mode, "epoch": self._controller.epoch.number,
+                "active_ranks": np.nonzero(self._active)[0].tolist(),
+                "alive_ranks": np.nonzero(self.alive)[0].tolist(),
+                "recoveries": [r.as_dict() for r in self._controller.records]}
+
+    def _recover(self, failure: RankFailure, requeued: int):
+        """Applies the controller's decision for `failure` (spmd: a new mesh over the survivors)."""
+        t0 = time.perf_counter()
+        rec = RecoveryRecord(epoch=0, failed_ranks=failure.ranks, detect_s=t0 - failure.detected_at,
+                             requests_requeued=requeued)
+        try:
+            epoch, placement = self._controller.decide(failure.ranks, self.expert_loads(), self._placement)
+        except EngineDead as e:
+            self._dead = e
+            raise
+        t1 = time.perf_counter()
+        rec.decide_s, rec.epoch = t1 - t0, epoch.number
+        alive = epoch.active.astype(bool)
+        keep_ranks = np.nonzero(alive)[0].tolist()
+        if self._fallback_thread is not None:
+            self._fallback_thread.join()
+        compiled = self._fallbacks.pop(frozenset(keep_ranks), None)
+        rec.precompiled = compiled is not None
+        runner, moved = self._runner.survivors([self._mesh_ranks.index(r) for r in keep_ranks],
+                                               compact(placement, alive), self._backup or {}, compiled)
+        rec.moved_experts = moved["peer"] + moved["backup"]
+        rec.restored_from_backup = moved["backup"]
+        self._controller.install(epoch)
+        self._runner, self._mesh_ranks, self._placement = runner, keep_ranks, placement
+        self._active = epoch.active.copy()
+        self._fallbacks.clear()
+        rec.restore_s = time.perf_counter() - t1
+        self._controller.records.append(rec)
+        self._pending_record = (rec, time.perf_counter(), failure.detected_at)
+
+    def _start_fallbacks(self, shapes: list):
+        """Compiles, in the background, the steps for every mesh that one more failure would leave."""
+        if not self._precompile or self._fallback_thread is not None and self._fallback_thread.is_alive():
+            return
+        alive = np.nonzero(self.alive)[0].tolist()
+        loads, placement, devices = self.expert_loads(), self._placement, self._devices
+
+        def work():
+            for r in alive:
+                keep = [k for k in alive if k != r]
+                if frozenset(keep) in self._fallbacks or not keep:
+                    continue
+                try:
+                    _, p = self._controller.decide([r], loads, placement)
+                except EngineDead:
+                    continue
+                shadow = SpmdRunner(self.cfg, DTYPES[self.dtype], [devices[k] for k in keep],
+                                    compact(p, np.isin(np.arange(self.num_ranks), keep)), None)
+                self._fallbacks[frozenset(keep)] = shadow.precompile(
+                    [self._resume_shape(name, len(keep)) for name in shapes])
+        self._fallback_thread = threading.Thread(target=work, daemon=True, name="jem-precompile")
+        self._fallback_thread.start()
+
+    def _batch_pad(self, b: int, ranks: int | None = None) -> int:
+        n = ranks or len(self._mesh_ranks)
+        return -(-_bucket(b, 1) // n) * n
+
+    def _resume_shape(self, name, ranks: int):
+        """The step shapes a batch takes after a failure leaves `ranks` devices (prefill over the cache)."""
+        kind, batch, *rest = name
+        cache_len = rest[-1]
+        padded = self._batch_pad(batch, ranks)
+        return ("prefill", padded, cache_len, cache_len) if kind == "prefill" else (kind, padded, cache_len)
 
     # -- inputs -------------------------------------------------------------------------------------
     def _encode(self, prompt) -> list[int]:
@@ -195,10 +337,6 @@ class Engine:
         if bad:
             raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {self.cfg.vocab_size})")
         return ids
-
-    def _batch_pad(self, b: int) -> int:
-        n = self.num_ranks
-        return -(-_bucket(b, 1) // n) * n
 
     # -- compute ------------------------------------------------------------------------------------
     def score(self, token_ids) -> np.ndarray:
@@ -216,15 +354,16 @@ class Engine:
         bp, sp = self._batch_pad(b), _bucket(s)
         padded = np.zeros((bp, sp), np.int32)
         padded[:b, :s] = ids
-        fn = self._runner.score_fn(bp, sp)
-        logits, counts = fn(self._runner.params, self._runner.put_batch(padded), self._log2phy, self._active_dev)
+        run = self._runner
+        logits, _ = run.score_fn(bp, sp)(run.params, run.put_batch(padded), run.log2phy, run.active)
         return np.asarray(logits)[:b, :s]
 
     def generate(self, prompts, max_new_tokens: int = 16, temperature: float = 0.0, top_p: float = 1.0,
                  seed: int = 0, stop_token_ids: Sequence[int] | None = None,
                  progress: bool = False) -> list[GenerationResult]:
         """Generates up to max_new_tokens for each prompt (token id lists, or strings with a tokenizer).
-        stop_token_ids: default the model's eos ids; [] disables stopping."""
+        stop_token_ids: default the model's eos ids; [] disables stopping. A rank failure during the
+        call is recovered from and the interrupted step run again; the results are the same."""
         self._check_open()
         if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence):
             prompts = list(prompts) if not isinstance(prompts, (str, bytes)) else [prompts]
@@ -234,61 +373,103 @@ class Engine:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         if temperature < 0 or not 0 < top_p <= 1:
             raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
-        encoded = [self._encode(p) for p in prompts]
+        reqs = [_Request(i, self._encode(p)) for i, p in enumerate(prompts)]
         stops = set(self.cfg.eos_token_id if stop_token_ids is None else stop_token_ids)
-        results = []
-        for start in range(0, len(encoded), self.max_batch_size):
-            chunk = encoded[start:start + self.max_batch_size]
-            results += self._generate_batch(chunk, max_new_tokens, temperature, top_p, seed + start, stops,
-                                            progress)
+        sampling = (jax.random.key(seed), jnp.float32(temperature), jnp.float32(top_p))
+        bar = None
+        if progress:
+            from tqdm import tqdm
+            bar = tqdm(total=len(reqs) * max_new_tokens, desc="generate", unit="tok")
+        self._step = 0
+        self._last_good = time.perf_counter()
+        for start in range(0, len(reqs), self.max_batch_size):
+            chunk = reqs[start:start + self.max_batch_size]
+            cache_len = _bucket(_bucket(max(len(r.prompt) for r in chunk)) + max_new_tokens)
+            while not all(r.done for r in chunk):
+                live = [r for r in chunk if not r.done]
+                try:
+                    self._run_batch(live, cache_len, max_new_tokens, sampling, stops, bar)
+                except RankFailure as f:
+                    self._recover(f, requeued=len(live))
+        if bar is not None:
+            bar.close()
+        results = [GenerationResult(token_ids=r.out, prompt_token_ids=r.prompt,
+                                    finish_reason="stop" if r.out and r.out[-1] in stops else "length")
+                   for r in reqs]
         if self.tokenizer is not None:
             for r in results:
                 r.text = self.tokenizer.decode(r.token_ids)
         return results
 
-    def _generate_batch(self, prompts, max_new, temperature, top_p, seed, stops, progress):
-        b = len(prompts)
-        lengths = np.array([len(p) for p in prompts], np.int32)
-        bp, sp = self._batch_pad(b), _bucket(int(lengths.max()))
-        cache_len = _bucket(sp + max_new)
-        tokens = np.zeros((bp, sp), np.int32)
-        for i, p in enumerate(prompts):
-            tokens[i, :len(p)] = p
-        lens = np.ones(bp, np.int32)
-        lens[:b] = lengths
+    def _good_step(self):
+        now = time.perf_counter()
+        self.step_times.append(now - self._last_good)
+        if self._pending_record is not None:
+            rec, restored_at, failed_at = self._pending_record
+            rec.compile_s = self._runner_compile_s
+            rec.resume_s = now - restored_at - rec.compile_s
+            rec.total_s = now - min(failed_at, self._last_good)
+            self._pending_record = None
+        self._last_good = now
+
+    def _timed(self, get_fn):
+        """Returns the compiled step, recording the time its compilation took (0 when cached)."""
+        t = time.perf_counter()
+        fn = get_fn()
+        self._runner_compile_s += time.perf_counter() - t
+        return fn
+
+    def _run_batch(self, reqs, cache_len, max_new, sampling, stops, bar):
+        """Prefill (prompt + tokens so far) then decode `reqs` until each is done."""
+        key, temp, top_p = sampling
         run = self._runner
-        key = jax.random.key(seed)
-        temp, tp = jnp.float32(temperature), jnp.float32(top_p)
-        prefill = run.prefill_fn(bp, sp, cache_len)
-        nxt, cache, counts = prefill(run.params, run.put_batch(tokens), run.put_batch(lens), self._log2phy,
-                                     self._active_dev, jax.random.fold_in(key, 0), temp, tp)
-        out = [[] for _ in range(b)]
+        self._runner_compile_s = 0.0
+        b, bp = len(reqs), self._batch_pad(len(reqs))
+        resumed = any(r.out for r in reqs)
+        seq = cache_len if resumed else _bucket(max(len(r.context) for r in reqs))
+        tokens = np.zeros((bp, seq), np.int32)
+        lens = np.ones(bp, np.int32)
+        for i, r in enumerate(reqs):
+            tokens[i, :len(r.context)] = r.context
+            lens[i] = len(r.context)
+
+        def sample_ids():
+            ids = np.zeros(bp, np.int32)
+            ids[:b] = [(r.id * 1_000_003 + len(r.out)) % (2 ** 31) for r in reqs]
+            return run.put_batch(ids)
+
+        self._due_failures(self._step)
+        prefill = self._timed(lambda: run.prefill_fn(bp, seq, cache_len))
+        nxt, cache, counts = prefill(run.params, run.put_batch(tokens), run.put_batch(lens), sample_ids(),
+                                     run.log2phy, run.active, key, temp, top_p)
         done = np.zeros(bp, bool)
         done[b:] = True
         positions = lens.copy()
-        decode = run.decode_fn(bp, cache_len)
-        bar = None
-        if progress:
-            from tqdm import tqdm
-            bar = tqdm(total=max_new, desc="decode", unit="step")
-        for step in range(max_new):
+        if self._precompile:
+            self._start_fallbacks([("prefill", bp, seq, cache_len), ("decode", bp, cache_len)])
+        while True:
             toks = np.asarray(nxt)
+            self._good_step()
             self._loads.append(np.asarray(counts))
-            for i in range(b):
-                if not done[i]:
-                    out[i].append(int(toks[i]))
-                    if toks[i] in stops or len(out[i]) >= max_new:
-                        done[i] = True
-            if bar is not None:
-                bar.update(1)
+            for i, r in enumerate(reqs):
+                if not r.done:
+                    r.out.append(int(toks[i]))
+                    if bar is not None:
+                        bar.update(1)
+                    if toks[i] in stops or len(r.out) >= max_new:
+                        r.done = done[i] = True
             if done.all():
-                break
-            nxt, cache, counts = decode(run.params, cache, run.put_batch(toks), run.put_batch(positions),
-                                        run.put_batch(~done), self._log2phy, self._active_dev,
-                                        jax.random.fold_in(key, step + 1), temp, tp)
+                return
+            self._step += 1
+            self._due_failures(self._step)
+            decode = self._timed(lambda: run.decode_fn(bp, cache_len))
+            try:
+                nxt, cache, counts = decode(run.params, cache, run.put_batch(toks), run.put_batch(positions),
+                                            run.put_batch(~done), sample_ids(), run.log2phy, run.active,
+                                            key, temp, top_p)
+            except jax.errors.JaxRuntimeError as e:
+                ranks = self._ranks_named(e, self._mesh_ranks)
+                if not ranks:
+                    raise
+                raise RankFailure(ranks, f"XLA runtime error: {e}") from e
             positions = positions + 1
-        if bar is not None:
-            bar.close()
-        return [GenerationResult(token_ids=o, prompt_token_ids=list(p),
-                                 finish_reason="stop" if o and o[-1] in stops else "length")
-                for o, p in zip(out, prompts)]

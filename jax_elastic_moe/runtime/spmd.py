@@ -3,10 +3,12 @@
 Each rank holds the dense weights, `slots_per_rank` expert slots of every MoE layer and its share of
 the batch (data-parallel attention); the MoE layers exchange tokens with all_to_all. Placement
 (log2phy) and the active-ranks mask are arguments of every compiled step, so changing them never
-compiles again."""
+compiles again. After a failure, `survivors()` builds the runner of a new mesh over the surviving
+devices from the arrays they already hold (plus the host backup for experts that lost every copy)."""
 from __future__ import annotations
 
 import functools
+import threading
 
 import jax
 import jax.numpy as jnp
@@ -17,7 +19,7 @@ from jax.sharding import PartitionSpec as P
 
 from ..config import ModelConfig
 from ..model.decoder import MoEModel
-from ..model.loader import is_expert_path
+from ..model.loader import EXPERT_PARAMS, is_expert_path
 from ..model.moe import EPContext
 from ..model.sharding import EP_AXIS, batch_spec, param_spec
 from ..placement import Placement
@@ -29,10 +31,12 @@ def key_of(path: tuple) -> str:
 
 
 class SpmdRunner:
-    """Compiled steps of one model over one mesh of local devices."""
+    """Compiled steps of one model over one mesh of local devices.
 
-    def __init__(self, cfg: ModelConfig, params: dict[tuple, np.ndarray], placement: Placement,
-                 devices, dtype):
+    placement: over this mesh's ranks (N' = len(devices)); params: {key: jax.Array} placed on the mesh,
+    or None for a runner that only compiles (a precompiled fallback for a future mesh)."""
+
+    def __init__(self, cfg: ModelConfig, dtype, devices, placement: Placement, params: dict | None):
         self.cfg, self.dtype = cfg, dtype
         self.devices = list(devices)
         self.num_ranks = len(self.devices)
@@ -44,34 +48,99 @@ class SpmdRunner:
         self.graphdef, abstract_state = nnx.split(abstract, nnx.Param)
         self._variables = list(nnx.to_flat_state(abstract_state))
         self.moe_layer_ids = [i for i, m in enumerate(cfg.moe_layers) if m]
-        self.params = {}
-        for path, var in self._variables:
-            if is_expert_path(path):
-                arr = self._place_logical(params[path], placement, path)
-            elif path in params:
-                arr = params[path]
-            else:
-                raise KeyError(f"parameter {key_of(path)} missing")
-            self.params[key_of(path)] = jax.device_put(arr, self._sharding(param_spec(path)))
+        self.placement = placement
+        self.params = params
         self._compiled = {}
+        self._lock = threading.Lock()
+        self.log2phy = self.put_replicated(placement.log2phy)
+        self.active = self.put_replicated(np.ones(self.num_ranks, np.int32))
 
-    def _sharding(self, spec: P) -> NamedSharding:
-        return NamedSharding(self.mesh, spec)
+    # -- construction -----------------------------------------------------------------------------
+    @classmethod
+    def create(cls, cfg, dtype, devices, placement: Placement, host_params: dict[tuple, np.ndarray]):
+        """From host weights with experts in logical layout [E, ...]."""
+        run = cls(cfg, dtype, devices, placement, None)
+        params = {}
+        for path, _ in run._variables:
+            if path not in host_params:
+                raise KeyError(f"parameter {key_of(path)} missing")
+            arr = host_params[path]
+            if is_expert_path(path):
+                arr = run._physical(arr, placement.phy2log[run.moe_index(path)])
+            params[key_of(path)] = jax.device_put(arr, run._sharding(param_spec(path)))
+        run.params = params
+        return run
 
-    def _place_logical(self, logical: np.ndarray, placement: Placement, path: tuple) -> np.ndarray:
-        """Physical slot layout [S, ...] of one layer's logical experts [E, ...] (empty slots zero)."""
-        row = placement.phy2log[self.moe_layer_ids.index(path[1])]
+    def moe_index(self, path) -> int:
+        return self.moe_layer_ids.index(int(path[1]))
+
+    @staticmethod
+    def _physical(logical: np.ndarray, row: np.ndarray) -> np.ndarray:
+        """Slot layout [S, ...] of one layer's logical experts [E, ...] (empty slots zero)."""
         out = logical[np.maximum(row, 0)]
         out[row < 0] = 0
         return out
 
+    def survivors(self, keep: list[int], placement: Placement, backup: dict[tuple, np.ndarray],
+                  compiled: dict | None = None) -> tuple["SpmdRunner", dict]:
+        """The runner of the mesh over self.devices[keep] with `placement` (over len(keep) ranks).
+
+        Dense weights come from the survivors' own replicas; an expert slot keeps its weights when
+        it already held that expert, else copies them from a surviving replica, else from `backup`
+        (host memory, logical layout). Returns (runner, counts of copies by source)."""
+        new = SpmdRunner(self.cfg, self.dtype, [self.devices[k] for k in keep], placement, None)
+        if compiled:
+            new._compiled.update(compiled)
+        spr, old_spr = placement.slots_per_rank, self.slots_per_rank
+        stats = {"kept": 0, "peer": 0, "backup": 0}
+        params = {}
+        for path, _ in self._variables:
+            key = key_of(path)
+            shards = {s.device: s.data for s in self.params[key].addressable_shards}
+            if not is_expert_path(path):
+                pieces = [shards[d] for d in new.devices]
+                params[key] = jax.make_array_from_single_device_arrays(
+                    self.params[key].shape, new._sharding(P()), pieces)
+                continue
+            m = self.moe_index(path)
+            old_row, new_row = self.placement.phy2log[m], placement.phy2log[m]
+            where = {}                              # expert -> (old rank, local slot) on a survivor
+            for r in keep:
+                for j in range(old_spr):
+                    e = int(old_row[r * old_spr + j])
+                    if e >= 0:
+                        where.setdefault(e, (r, j))
+            blocks = []
+            for new_rank, old_rank in enumerate(keep):
+                dev = self.devices[old_rank]
+                rows = []
+                for j in range(spr):
+                    e = int(new_row[new_rank * spr + j])
+                    if e < 0:
+                        rows.append(jnp.zeros(shards[dev].shape[1:], shards[dev].dtype, device=dev))
+                    elif j < old_spr and int(old_row[old_rank * old_spr + j]) == e:
+                        rows.append(shards[dev][j]); stats["kept"] += 1
+                    elif e in where:
+                        r, k = where[e]
+                        rows.append(jax.device_put(shards[self.devices[r]][k], dev)); stats["peer"] += 1
+                    else:
+                        rows.append(jax.device_put(backup[path][e], dev)); stats["backup"] += 1
+                blocks.append(jnp.stack(rows))
+            shape = (placement.num_slots,) + tuple(self.params[key].shape[1:])
+            params[key] = jax.make_array_from_single_device_arrays(shape, new._sharding(param_spec(path)), blocks)
+        new.params = params
+        return new, stats
+
     # -- the traced model ---------------------------------------------------------------------
+    def _sharding(self, spec: P) -> NamedSharding:
+        return NamedSharding(self.mesh, spec)
+
     def _model(self, params):
         flat = [(path, var.replace(params[key_of(path)])) for path, var in self._variables]
         return nnx.merge(self.graphdef, nnx.from_flat_state(flat))
 
     def _forward(self, params, tokens, positions, valid, cache, log2phy, active):
-        """Per-rank body: tokens/positions/valid [b, s]; returns (hidden, cache, counts)."""
+        """Per-rank body: tokens/positions/valid [b, s] -> ((hidden, cache, counts), model)."""
         model = self._model(params)
         b, s = tokens.shape
         rank = jax.lax.axis_index(EP_AXIS)
@@ -81,105 +150,131 @@ class SpmdRunner:
                         num_ranks=self.num_ranks, slots_per_rank=self.slots_per_rank, axis_name=EP_AXIS)
         return model(tokens, positions, cache, ctx), model
 
-    def _specs(self):
-        return {k: param_spec(tuple(k.split("/"))[-1:]) for k in self.params}
+    def _param_specs(self):
+        return {key_of(path): param_spec(path) for path, _ in self._variables}
 
-    def _shard_map(self, body, in_specs, out_specs):
-        return jax.shard_map(body, mesh=self.mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
+    def _abstract_params(self):
+        return {key_of(path): jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=self._sharding(param_spec(path)))
+                for path, v in self._variables}
 
-    def _cache_specs(self, cache):
-        return jax.tree.map(lambda _: batch_spec(), cache)
+    def _cache_spec(self):
+        model = nnx.merge(self.graphdef, nnx.from_flat_state(self._variables))
+        return jax.tree.map(lambda _: batch_spec(), model.empty_cache(1, 1))
 
-    def _compile(self, name, build):
-        if name not in self._compiled:
-            self._compiled[name] = build()
-        return self._compiled[name]
+    def _abstract(self, shape, dtype, spec):
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=self._sharding(spec))
+
+    def _aot(self, name, fn, *abstract_args):
+        """Compiles fn for these argument shapes once (ahead of time); thread-safe."""
+        with self._lock:
+            if name not in self._compiled:
+                self._compiled[name] = fn.lower(*abstract_args).compile()
+            return self._compiled[name]
+
+    def _common_abstract(self):
+        key = jax.eval_shape(lambda: jax.random.key(0))
+        rep = self._sharding(P())
+        return (self._abstract(self.placement.log2phy.shape, jnp.int32, P()),
+                self._abstract((self.num_ranks,), jnp.int32, P()),
+                jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=rep),
+                self._abstract((), jnp.float32, P()), self._abstract((), jnp.float32, P()))
 
     # -- steps ----------------------------------------------------------------------------------
     def score_fn(self, batch: int, seq: int):
-        """jit: (params, tokens [B, S], log2phy, active) -> logits [B, S, V] float32."""
-        def build():
-            def body(params, tokens, log2phy, active):
-                b, s = tokens.shape
-                positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
-                empty = self._model(params).empty_cache(b, s)
-                (hidden, _, counts), model = self._forward(params, tokens, positions, jnp.ones((b, s), bool),
-                                                           empty, log2phy, active)
-                return model.logits(hidden), counts
-            f = self._shard_map(body, (self._specs(), batch_spec(), P(), P()), (batch_spec(), P()))
-            return jax.jit(f)
-        return self._compile(("score", batch, seq), build)
-
-    def _abstract_model(self):
-        return nnx.merge(self.graphdef, nnx.from_flat_state(self._variables))
+        """(params, tokens [B, S], log2phy, active) -> (logits [B, S, V] float32, counts)."""
+        def body(params, tokens, log2phy, active):
+            b, s = tokens.shape
+            positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+            empty = self._model(params).empty_cache(b, s)
+            (hidden, _, counts), model = self._forward(params, tokens, positions, jnp.ones((b, s), bool),
+                                                       empty, log2phy, active)
+            return model.logits(hidden), counts
+        f = jax.jit(jax.shard_map(body, mesh=self.mesh, in_specs=(self._param_specs(), batch_spec(), P(), P()),
+                                  out_specs=(batch_spec(), P()), check_vma=False))
+        common = self._common_abstract()
+        return self._aot(("score", batch, seq), f, self._abstract_params(),
+                         self._abstract((batch, seq), jnp.int32, batch_spec()), common[0], common[1])
 
     def prefill_fn(self, batch: int, seq: int, cache_len: int):
-        """jit: (params, tokens [B, S], lengths [B], log2phy, active, key, temperature, top_p)
-        -> (next tokens [B] int32, cache, counts [Lm, E]). Position lengths[b]-1 gives the logits."""
-        def build():
-            def body(params, tokens, lengths, log2phy, active, key, temperature, top_p):
-                b, s = tokens.shape
-                positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
-                valid = positions < lengths[:, None]
-                empty = self._model(params).empty_cache(b, cache_len)
-                (hidden, cache, counts), model = self._forward(params, tokens, positions, valid, empty,
-                                                               log2phy, active)
-                last = jnp.take_along_axis(hidden, jnp.maximum(lengths - 1, 0)[:, None, None], axis=1)[:, 0]
-                seq_ids = jax.lax.axis_index(EP_AXIS) * b + jnp.arange(b)
-                return sample(model.logits(last), key, seq_ids, temperature, top_p), cache, counts
-            cache_spec = self._cache_specs(self._abstract_model().empty_cache(1, 1))
-            f = self._shard_map(body, (self._specs(), batch_spec(), batch_spec(), P(), P(), P(), P(), P()),
-                                (batch_spec(), cache_spec, P()))
-            return jax.jit(f)
-        return self._compile(("prefill", batch, seq, cache_len), build)
+        """(params, tokens [B, S], lengths [B], sample_ids [B], log2phy, active, key, temperature, top_p)
+        -> (next tokens [B] int32, cache, counts [Lm, E]); position lengths[b]-1 gives the logits."""
+        def body(params, tokens, lengths, sample_ids, log2phy, active, key, temperature, top_p):
+            b, s = tokens.shape
+            positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+            valid = positions < lengths[:, None]
+            empty = self._model(params).empty_cache(b, cache_len)
+            (hidden, cache, counts), model = self._forward(params, tokens, positions, valid, empty, log2phy, active)
+            last = jnp.take_along_axis(hidden, jnp.maximum(lengths - 1, 0)[:, None, None], axis=1)[:, 0]
+            return sample(model.logits(last), key, sample_ids, temperature, top_p), cache, counts
+        bs = batch_spec()
+        f = jax.jit(jax.shard_map(body, mesh=self.mesh,
+                                  in_specs=(self._param_specs(), bs, bs, bs, P(), P(), P(), P(), P()),
+                                  out_specs=(bs, self._cache_spec(), P()), check_vma=False))
+        vec = self._abstract((batch,), jnp.int32, bs)
+        return self._aot(("prefill", batch, seq, cache_len), f, self._abstract_params(),
+                         self._abstract((batch, seq), jnp.int32, bs), vec, vec, *self._common_abstract())
 
     def decode_fn(self, batch: int, cache_len: int):
-        """jit: (params, cache, tokens [B], positions [B], valid [B], log2phy, active, key, temperature,
-        top_p) -> (next tokens [B], cache, counts). The cache is donated."""
-        def build():
-            def body(params, cache, tokens, positions, valid, log2phy, active, key, temperature, top_p):
-                b = tokens.shape[0]
-                (hidden, cache, counts), model = self._forward(
-                    params, tokens[:, None], positions[:, None], valid[:, None], cache, log2phy, active)
-                seq_ids = jax.lax.axis_index(EP_AXIS) * b + jnp.arange(b)
-                return sample(model.logits(hidden[:, 0]), key, seq_ids, temperature, top_p), cache, counts
-            cache_spec = self._cache_specs(self._abstract_model().empty_cache(1, 1))
-            f = self._shard_map(body, (self._specs(), cache_spec, batch_spec(), batch_spec(), batch_spec(), P(),
-                                       P(), P(), P(), P()), (batch_spec(), cache_spec, P()))
-            return jax.jit(f, donate_argnums=(1,))
-        return self._compile(("decode", batch, cache_len), build)
+        """(params, cache, tokens [B], positions [B], valid [B], sample_ids [B], log2phy, active, key,
+        temperature, top_p) -> (next tokens [B], cache, counts). The cache is donated."""
+        def body(params, cache, tokens, positions, valid, sample_ids, log2phy, active, key, temperature, top_p):
+            (hidden, cache, counts), model = self._forward(
+                params, tokens[:, None], positions[:, None], valid[:, None], cache, log2phy, active)
+            return sample(model.logits(hidden[:, 0]), key, sample_ids, temperature, top_p), cache, counts
+        bs = batch_spec()
+        cache_spec = self._cache_spec()
+        f = jax.jit(jax.shard_map(body, mesh=self.mesh,
+                                  in_specs=(self._param_specs(), cache_spec, bs, bs, bs, bs, P(), P(), P(), P(), P()),
+                                  out_specs=(bs, cache_spec, P()), check_vma=False), donate_argnums=(1,))
+        model = nnx.merge(self.graphdef, nnx.from_flat_state(self._variables))
+        cache = jax.tree.map(lambda a: self._abstract(a.shape, a.dtype, bs),
+                             jax.eval_shape(lambda: model.empty_cache(batch, cache_len)))
+        vec = self._abstract((batch,), jnp.int32, bs)
+        return self._aot(("decode", batch, cache_len), f, self._abstract_params(), cache, vec, vec,
+                         self._abstract((batch,), jnp.bool_, bs), vec, *self._common_abstract())
+
+    def compiled_shapes(self) -> list:
+        return list(self._compiled)
+
+    def precompile(self, names: list):
+        """Compiles the steps named like compiled_shapes() entries (for a fallback mesh)."""
+        for name in names:
+            kind, *dims = name
+            getattr(self, f"{kind}_fn")(*dims)
+        return dict(self._compiled)
 
     # -- placement ------------------------------------------------------------------------------
-    def move_experts(self, old: Placement, new: Placement):
-        """Moves expert weights between slots so that slot s holds new.phy2log[:, s]; each weight is
-        copied from a slot that holds it under `old` (both placements complete)."""
+    def set_placement(self, new: Placement):
+        """Moves expert weights between slots so slot s holds new.phy2log[:, s], each copied from a
+        slot that holds it now (both placements complete over this mesh)."""
         src = np.zeros_like(new.phy2log)
         for layer in range(new.num_layers):
             first = {}
-            for s, e in enumerate(old.phy2log[layer]):
-                if e >= 0 and e not in first:
-                    first[int(e)] = s
+            for s, e in enumerate(self.placement.phy2log[layer]):
+                if e >= 0:
+                    first.setdefault(int(e), s)
             for s, e in enumerate(new.phy2log[layer]):
                 if e >= 0:
                     if int(e) not in first:
                         raise ValueError(f"expert {e} of MoE layer {layer} has no replica to copy from")
                     src[layer, s] = first[int(e)]
         keep = new.phy2log >= 0
-        gather = self._gather_fn()
-        for key in list(self.params):
-            path = key.split("/")
-            if path[-1] in ("w_gate", "w_up", "w_down"):
-                m = self.moe_layer_ids.index(int(path[1]))
-                self.params[key] = gather(self.params[key], jnp.asarray(src[m]), jnp.asarray(keep[m]))
+        for path, _ in self._variables:
+            if path[-1] in EXPERT_PARAMS:
+                key, m = key_of(path), self.moe_index(path)
+                self.params[key] = self._gather(self.params[key], jnp.asarray(src[m]), jnp.asarray(keep[m]))
+        self.placement = new
+        self.log2phy = self.put_replicated(new.log2phy)
 
-    @functools.cache
-    def _gather_fn(self):
-        shard = self._sharding(P(EP_AXIS))
+    def set_active(self, active: np.ndarray):
+        self.active = self.put_replicated(np.asarray(active, np.int32))
 
+    @functools.cached_property
+    def _gather(self):
         def gather(w, src, keep):
             out = w[src]
             return jnp.where(keep.reshape((-1,) + (1,) * (w.ndim - 1)), out, jnp.zeros_like(out))
-        return jax.jit(gather, out_shardings=shard, donate_argnums=(0,))
+        return jax.jit(gather, out_shardings=self._sharding(P(EP_AXIS)), donate_argnums=(0,))
 
     def put_replicated(self, arr):
         return jax.device_put(arr, self._sharding(P()))
