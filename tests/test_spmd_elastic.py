@@ -1,0 +1,85 @@
+"""One-process elastic path on 8 fake CPU devices: fail ranks mid-generation, keep every request."""
+import numpy as np
+import pytest
+
+import jax_elastic_moe as jem
+from jax_elastic_moe.placement import validate
+from jax_elastic_moe.runtime.controller import EngineDead
+
+PROMPTS = [[3, 4, 5], [10, 20, 30, 40, 50, 60], [7], [100, 101], [9, 9, 9, 9], [42], [250, 3], [17, 18, 19]]
+
+
+@pytest.fixture(scope="module")
+def reference_tokens():
+    with jem.Engine.from_config("tiny", num_ranks=1, seed=0) as eng:
+        return [r.token_ids for r in eng.generate(PROMPTS, max_new_tokens=12, stop_token_ids=[])]
+
+
+def check_weights(eng):
+    """Every slot of the live mesh holds exactly the weights of the expert the placement names."""
+    run = eng._runner
+    for key, arr in run.params.items():
+        path = key.split("/")
+        if path[-1] not in ("w_gate", "w_up", "w_down"):
+            continue
+        m = run.moe_layer_ids.index(int(path[1]))
+        logical = eng._backup[("layers", int(path[1]), "mlp", path[-1])]
+        got = np.asarray(arr)
+        for s, e in enumerate(run.placement.phy2log[m]):
+            want = logical[e] if e >= 0 else np.zeros_like(logical[0])
+            assert np.array_equal(got[s], want), (key, s, e)
+
+
+def test_fail_one_then_two_more(reference_tokens):
+    with jem.Engine.from_config("tiny", num_ranks=8, redundant_experts=8, seed=0) as eng:
+        eng.fail_rank(3, at_step=4)
+        out = eng.generate(PROMPTS, max_new_tokens=12, stop_token_ids=[])
+        assert [r.token_ids for r in out] == reference_tokens
+        st = eng.stats()
+        assert st["epoch"] == 1 and st["alive_ranks"] == [0, 1, 2, 4, 5, 6, 7]
+        rec = st["recoveries"][0]
+        assert rec["failed_ranks"] == [3] and rec["requests_requeued"] == len(PROMPTS)
+        assert rec["total_s"] > 0 and rec["compile_s"] > 0
+        validate(eng.placement, eng.alive)
+        check_weights(eng)
+
+        eng.fail_rank(0, at_step=2)
+        eng.fail_rank(6, at_step=2)
+        out = eng.generate(PROMPTS, max_new_tokens=12, stop_token_ids=[])
+        assert [r.token_ids for r in out] == reference_tokens
+        st = eng.stats()
+        assert st["alive_ranks"] == [1, 2, 4, 5, 7] and len(st["recoveries"]) == 2
+        assert st["recoveries"][1]["failed_ranks"] == [0, 6]
+        validate(eng.placement, eng.alive)
+        check_weights(eng)
+        # the engine still scores like one device
+        ids = np.random.RandomState(0).randint(0, 256, (3, 6))
+        with jem.Engine.from_config("tiny", num_ranks=1, seed=0) as one:
+            assert np.abs(eng.score(ids) - one.score(ids)).max() <= 1e-5
+
+
+def test_precompiled_fallback_is_used(reference_tokens):
+    with jem.Engine.from_config("tiny", num_ranks=4, redundant_experts=4, seed=0,
+                                precompile_fallbacks=True) as eng:
+        eng.fail_rank(2, at_step=6)
+        out = eng.generate(PROMPTS, max_new_tokens=12, stop_token_ids=[])
+        assert [r.token_ids for r in out] == reference_tokens
+        rec = eng.stats()["recoveries"][0]
+        assert rec["precompiled"] and rec["compile_s"] < 0.05
+
+
+def test_too_few_survivors_stop_the_engine_clearly():
+    with jem.Engine.from_config("tiny", num_ranks=4, redundant_experts=0, seed=0) as eng:
+        eng.fail_rank(1, at_step=1)
+        with pytest.raises(EngineDead, match="too few|cannot serve"):
+            eng.generate(PROMPTS[:2], max_new_tokens=4, stop_token_ids=[])
+        with pytest.raises(EngineDead):
+            eng.generate(PROMPTS[:2], max_new_tokens=4)
+
+
+def test_fail_rank_rejects_bad_requests():
+    with jem.Engine.from_config("tiny", num_ranks=2, redundant_experts=0, seed=0) as eng:
+        with pytest.raises(ValueError, match="not a live rank"):
+            eng.fail_rank(5)
+        with pytest.raises(ValueError, match="mooncake"):
+            eng.fail_rank(0, how="hang")
