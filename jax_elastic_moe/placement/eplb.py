@@ -94,35 +94,94 @@ def _experts_by_node(loads, layout: NodeLayout, held_before=None, tolerance: flo
             for lo, hi in zip(bounds[:-1], bounds[1:])]
 
 
-def _replica_counts(node_loads, num_ranks_here: int, slots_per_rank: int, max_replicas):
-    """node_loads [L, m] -> logcnt [L, m]: the node's slots shared out, at most one replica per rank
-    unless there are too few experts to fill the slots that way, never past max_replicas."""
-    num_experts = node_loads.shape[1]
+def _replica_cap(num_experts: int, num_ranks_here: int, slots_per_rank: int, max_replicas) -> int:
+    """At most one replica per rank, unless there are too few experts to fill the slots that way;
+    never past max_replicas."""
     num_slots = num_ranks_here * slots_per_rank
     cap = num_ranks_here if num_experts * num_ranks_here >= num_slots else -(-num_slots // num_experts)
-    if max_replicas is not None:
-        cap = min(cap, int(max_replicas))
-    return replicate_experts(node_loads, num_slots, cap)
+    return cap if max_replicas is None else min(cap, int(max_replicas))
+
+
+def _identical_ranks(num_experts: int, num_ranks_here: int, slots_per_rank: int, max_replicas) -> bool:
+    """Whether every rank can hold the same multiset of experts (each expert at least once): then
+    every rank carries exactly 1 / a of the load, a perfect balance."""
+    return num_experts <= slots_per_rank and (max_replicas is None or max_replicas >= num_ranks_here)
+
+
+def node_replica_counts(node_loads, num_ranks_here: int, slots_per_rank: int, max_replicas) -> np.ndarray:
+    """node_loads [L, m] -> logcnt [L, m]: EPLB's replica counts for one node's slots. When each
+    rank can hold every expert (m <= S), a rank's share is replicated on every rank instead, so
+    counts are multiples of the node's ranks."""
+    num_experts = node_loads.shape[1]
+    if _identical_ranks(num_experts, num_ranks_here, slots_per_rank, max_replicas):
+        per_rank_cap = slots_per_rank if max_replicas is None else int(max_replicas) // num_ranks_here
+        return replicate_experts(node_loads, slots_per_rank, per_rank_cap) * num_ranks_here
+    cap = _replica_cap(num_experts, num_ranks_here, slots_per_rank, max_replicas)
+    return replicate_experts(node_loads, num_ranks_here * slots_per_rank, cap)
+
+
+def even_counts(loads, num_replicas: int, max_count: int) -> np.ndarray:
+    """loads [L, E] -> logcnt [L, E] int64: the replicas shared out evenly (what round-robin
+    gives), the extra ones to the most loaded experts. Rows sum to min(num_replicas, E * max_count)."""
+    num_layers, num_logical = np.shape(loads)
+    base, extra = divmod(min(int(num_replicas), num_logical * int(max_count)), num_logical)
+    heaviest_first = np.argsort(-np.asarray(loads), axis=1, kind="stable")
+    logcnt = np.full((num_layers, num_logical), base, np.int64)
+    np.put_along_axis(logcnt, heaviest_first[:, :extra], base + 1, axis=1)
+    return logcnt
+
+
+def _pack_counts(node_loads, experts, logcnt, num_ranks_here: int, slots_per_rank: int, num_logical: int):
+    """Packs logcnt [L, m] replicas of the experts [L, m] (loads node_loads [L, m]) onto the node's
+    ranks, then swaps. Returns grids (expert [L, a, S], -1 = empty; weight [L, a, S])."""
+    num_layers, num_experts = experts.shape
+    local = np.repeat(np.tile(np.arange(num_experts), num_layers), logcnt.ravel()).reshape(num_layers, -1)
+    empty = num_ranks_here * slots_per_rank - local.shape[1]
+    item_expert = np.pad(np.take_along_axis(experts, local, axis=1), ((0, 0), (0, empty)), constant_values=-1)
+    item_weight = np.pad(np.take_along_axis(node_loads / logcnt, local, axis=1), ((0, 0), (0, empty)))
+    pack = balanced_packing(item_weight, item_expert, num_logical, np.full(num_ranks_here, slots_per_rank))
+    order = np.argsort(pack, axis=1, kind="stable")
+    grid_expert = np.take_along_axis(item_expert, order, axis=1).reshape(num_layers, num_ranks_here, -1)
+    grid_weight = np.take_along_axis(item_weight, order, axis=1).reshape(grid_expert.shape)
+    mean_load = grid_weight.sum(axis=(1, 2)) / num_ranks_here
+    refine_by_swaps(grid_expert, grid_weight, target_max=mean_load * (1.0 + REFINE_TOLERANCE))
+    return grid_expert, grid_weight
 
 
 def _fresh_node(loads, experts, ranks, slots_per_rank, num_logical, max_replicas, held_before):
     """Replicates a node's experts [L, m] over its alive ranks [a] and packs them; with held_before
-    [L, N, E], renumbers the ranks towards it. Returns (item_rank, item_expert), both [L, a * S]."""
+    [L, N, E], renumbers the ranks towards it. Returns (item_rank, item_expert), both [L, a * S].
+
+    Two replica counts are packed: EPLB's (most load per replica first) and even counts; per
+    layer the better balanced plan is kept. EPLB's wins on large shapes; with few slots per rank
+    its lumpy splits (the hottest expert on every rank) can pack worse than even counts."""
     num_layers, num_experts = experts.shape
     node_loads = np.take_along_axis(loads, experts, axis=1)
-    logcnt = _replica_counts(node_loads, len(ranks), slots_per_rank, max_replicas)
-    local = np.repeat(np.tile(np.arange(num_experts), num_layers), logcnt.ravel()).reshape(num_layers, -1)
-    empty = len(ranks) * slots_per_rank - local.shape[1]
-    item_expert = np.pad(np.take_along_axis(experts, local, axis=1), ((0, 0), (0, empty)), constant_values=-1)
-    item_weight = np.pad(np.take_along_axis(node_loads / logcnt, local, axis=1), ((0, 0), (0, empty)))
-    pack = balanced_packing(item_weight, item_expert, num_logical, np.full(len(ranks), slots_per_rank))
-    # to grids [L, a, S], polish with swaps, and back
-    order = np.argsort(pack, axis=1, kind="stable")
-    grid_expert = np.take_along_axis(item_expert, order, axis=1).reshape(num_layers, len(ranks), -1)
-    grid_weight = np.take_along_axis(item_weight, order, axis=1).reshape(grid_expert.shape)
-    mean_load = grid_weight.sum(axis=(1, 2)) / len(ranks)
-    refine_by_swaps(grid_expert, grid_weight, target_max=mean_load * (1.0 + REFINE_TOLERANCE))
-    pack = np.broadcast_to(np.repeat(np.arange(len(ranks)), slots_per_rank), (num_layers, empty + local.shape[1]))
+    slots = len(ranks) * slots_per_rank
+    cap = _replica_cap(num_experts, len(ranks), slots_per_rank, max_replicas)
+    eplb_counts = node_replica_counts(node_loads, len(ranks), slots_per_rank, max_replicas)
+    if _identical_ranks(num_experts, len(ranks), slots_per_rank, max_replicas):
+        per_rank = eplb_counts // len(ranks)
+        local = np.repeat(np.tile(np.arange(num_experts), num_layers), per_rank.ravel()).reshape(num_layers, -1)
+        one_rank = np.pad(np.take_along_axis(experts, local, axis=1),
+                          ((0, 0), (0, slots_per_rank - local.shape[1])), constant_values=-1)
+        grid_expert = np.broadcast_to(one_rank[:, None, :], (num_layers, len(ranks), slots_per_rank))
+        return _to_ranks(grid_expert, ranks, num_logical, held_before)
+    grid_expert, grid_weight = _pack_counts(node_loads, experts, eplb_counts, len(ranks), slots_per_rank, num_logical)
+    spread = even_counts(node_loads, slots, cap)
+    if (spread != eplb_counts).any():
+        other_expert, other_weight = _pack_counts(node_loads, experts, spread, len(ranks), slots_per_rank,
+                                                  num_logical)
+        better = other_weight.sum(axis=2).max(axis=1) < grid_weight.sum(axis=2).max(axis=1)
+        grid_expert[better] = other_expert[better]
+    return _to_ranks(grid_expert, ranks, num_logical, held_before)
+
+
+def _to_ranks(grid_expert, ranks, num_logical, held_before):
+    """grid_expert [L, a, S] (row p = the node's p-th alive rank) -> (item_rank, item_expert), both
+    [L, a * S]; with held_before [L, N, E], the rows are renumbered towards where experts were."""
+    num_layers, num_ranks_here, slots_per_rank = grid_expert.shape
+    pack = np.broadcast_to(np.repeat(np.arange(num_ranks_here), slots_per_rank), (num_layers, grid_expert[0].size))
     item_expert = grid_expert.reshape(num_layers, -1)
     if held_before is not None:
         pack = relabel_packs(pack, item_expert, num_logical, held_before[:, ranks, :])
@@ -154,7 +213,7 @@ def _stay_node(loads, experts, ranks, slots_per_rank, num_logical, max_replicas,
     rows = np.arange(num_layers)[:, None]
     node_loads = np.take_along_axis(loads, experts, axis=1)
     target = np.zeros((num_layers, num_logical + 1), np.int64)     # column E: empty slots, no target
-    target[rows, experts] = _replica_counts(node_loads, len(ranks), slots_per_rank, max_replicas)
+    target[rows, experts] = node_replica_counts(node_loads, len(ranks), slots_per_rank, max_replicas)
     per_replica = np.where(target > 0, np.append(loads, np.zeros((num_layers, 1)), axis=1) / np.maximum(target, 1), 0.0)
     slots = (ranks[:, None] * slots_per_rank + np.arange(slots_per_rank)).ravel()
     grid = np.asarray(previous)[:, slots].reshape(num_layers, len(ranks), slots_per_rank).astype(np.int64)

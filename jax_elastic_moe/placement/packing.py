@@ -157,7 +157,7 @@ def refine_by_swaps(grid_expert, grid_weight, target_max=None, move_cost=None, m
     as one helps.
 
     grid_expert: [L, P, S] int, expert held by each slot (-1 = empty); grid_weight: [L, P, S] its
-    load. Both are changed in place; a pack never gets a second replica of an expert it holds.
+    load. Both are changed in place; no swap adds replicas of one expert sharing a pack.
     target_max: [L] or None: stop a layer once its largest pack load is at most this.
     move_cost: [L, P, S] or None: what moving each slot's current expert costs (1 for an expert
         that would otherwise stay, 0 for one being loaded anyway); swaps then reach target_max as
@@ -186,13 +186,16 @@ def refine_by_swaps(grid_expert, grid_weight, target_max=None, move_cost=None, m
         delta = h_weight[:, None, :, None] - g_weight[:, :, None, :]                                 # [A, K, Si, Sj]
         pair_max = np.maximum(heavy_load[active, None, None, None] - delta,
                               np.take_along_axis(load[active], partner, axis=1)[:, :, None, None] + delta)
-        # an expert may go where no replica of it is, or an empty slot (-1) anywhere
-        g_holds_h = ((g_expert[:, :, :, None] == h_expert[:, None, None, :]).any(axis=2)
-                     & (h_expert[:, None, :] >= 0))                                                  # [A, P, Si]
-        h_holds_g = ((h_expert[:, None, None, :] == g_expert[:, :, :, None]).any(axis=3)
-                     & (g_expert >= 0))                                                              # [A, P, Sj]
-        allowed = ((delta > 0) & ~g_holds_h[:, :, :, None] & ~h_holds_g[:, :, None, :]
-                   & (partner != heavy[active, None])[:, :, None, None])
+        # a swap may not add replicas of one expert sharing a pack: count those it adds and removes
+        # (empty slots, -1, count as nothing)
+        same_hg = (h_expert[:, None, :, None] == g_expert[:, :, None, :]) & (h_expert >= 0)[:, None, :, None]
+        g_has_i = same_hg.sum(axis=3) >= 1                                        # [A, K, Si]
+        h_has_j = same_hg.sum(axis=2) >= 1                                        # [A, K, Sj]
+        h_dup_i = ((h_expert[:, :, None] == h_expert[:, None, :]).sum(axis=2) >= 2) & (h_expert >= 0)   # [A, Si]
+        g_dup_j = ((g_expert[:, :, :, None] == g_expert[:, :, None, :]).sum(axis=3) >= 2) & (g_expert >= 0)
+        added = g_has_i[:, :, :, None].astype(np.int8) + h_has_j[:, :, None, :]
+        removed = h_dup_i[:, None, :, None].astype(np.int8) + g_dup_j[:, :, None, :]
+        allowed = ((delta > 0) & (added <= removed) & (partner != heavy[active, None])[:, :, None, None])
         helps = allowed & (pair_max < heavy_load[active, None, None, None] * (1 - 1e-12))
         score = pair_max / heavy_load[active, None, None, None]                 # in (0, 1) where it helps
         if move_cost is not None and target_max is not None:
