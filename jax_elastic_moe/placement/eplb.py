@@ -23,7 +23,7 @@ import dataclasses
 
 import numpy as np
 
-from .core import PlacementError
+from .core import PlacementError, rank_loads, replica_counts
 from .packing import balanced_packing, refine_by_swaps, replicate_experts
 
 # A fresh plan stops swapping once its most loaded rank is within 0.1% of the mean.
@@ -206,14 +206,20 @@ def fresh_plan(loads, num_ranks: int, slots_per_rank: int, alive, num_nodes: int
                           num_ranks, slots_per_rank, num_logical, previous)
 
 
-def _stay_node(loads, experts, ranks, slots_per_rank, num_logical, max_replicas, previous, target_max):
+def _stay_node(loads, experts, ranks, slots_per_rank, num_logical, max_replicas, previous, target_max,
+               fresh_counts):
     """A node's plan that keeps what its alive ranks [a] held in `previous` [L, N * S] as far as the
-    new replica counts of its experts [L, m] allow. Returns (item_rank, item_expert), [L, a * S]."""
+    replica counts of its experts [L, m] allow: the fresh plan's, fresh_counts [L, E], in the layers
+    where they fill this node's slots, else EPLB's. Returns (item_rank, item_expert), [L, a * S]."""
     num_layers, num_experts = experts.shape
     rows = np.arange(num_layers)[:, None]
     node_loads = np.take_along_axis(loads, experts, axis=1)
+    own = node_replica_counts(node_loads, len(ranks), slots_per_rank, max_replicas)
+    fresh = np.take_along_axis(fresh_counts, experts, axis=1)
+    fits = ((fresh.sum(axis=1) == own.sum(axis=1)) & (fresh >= 1).all(axis=1)
+            & (fresh.max(axis=1) <= max(own.max(initial=1), len(ranks))))
     target = np.zeros((num_layers, num_logical + 1), np.int64)     # column E: empty slots, no target
-    target[rows, experts] = node_replica_counts(node_loads, len(ranks), slots_per_rank, max_replicas)
+    target[rows, experts] = np.where(fits[:, None], fresh, own)
     per_replica = np.where(target > 0, np.append(loads, np.zeros((num_layers, 1)), axis=1) / np.maximum(target, 1), 0.0)
     slots = (ranks[:, None] * slots_per_rank + np.arange(slots_per_rank)).ravel()
     grid = np.asarray(previous)[:, slots].reshape(num_layers, len(ranks), slots_per_rank).astype(np.int64)
@@ -267,18 +273,22 @@ def _stay_node(loads, experts, ranks, slots_per_rank, num_logical, max_replicas,
     return np.broadcast_to(np.repeat(ranks, slots_per_rank), (num_layers, grid[0].size)), grid.reshape(num_layers, -1)
 
 
-def stay_plan(loads, num_ranks: int, slots_per_rank: int, alive, previous, target_max, num_nodes: int = 1,
+def stay_plan(loads, num_ranks: int, slots_per_rank: int, alive, previous, fresh, num_nodes: int = 1,
               num_groups: int = 1, max_replicas: int | None = None, tolerance: float = 0.0) -> np.ndarray:
-    """EPLB's replica counts, placed by changing `previous` [L, N * S] as little as it can: survivors
-    keep their experts, surplus replicas leave the most loaded ranks, missing ones go to the least
-    loaded free slots, then swaps run until each layer's largest rank load is at most target_max [L]
-    (or no swap helps). Groups stay on their node unless that costs more than `tolerance` of balance.
-    Same arguments as fresh_plan otherwise. Returns phy2log [L, N * S] int32."""
+    """The fresh plan's replica counts, placed by changing `previous` [L, N * S] as little as it can:
+    survivors keep their experts, surplus replicas leave the most loaded ranks, missing ones go to
+    the least loaded free slots, then swaps run until each layer's largest rank load is within
+    (1 + tolerance) of the fresh plan's (or no swap helps). Groups stay on their node unless that
+    costs more than `tolerance` of balance. fresh: [L, N * S], fresh_plan's result for the same
+    arguments. Same arguments as fresh_plan otherwise. Returns phy2log [L, N * S] int32."""
     loads = np.asarray(loads, dtype=np.float64)
     num_logical = loads.shape[1]
+    target_max = rank_loads(fresh, loads, slots_per_rank).max(axis=1) * (1.0 + tolerance)
+    fresh_counts = replica_counts(fresh, num_logical)
     layout = node_layout(num_logical, num_ranks, slots_per_rank, alive, num_nodes, num_groups)
     held_before = held_by_rank(previous, num_ranks, slots_per_rank, num_logical)
-    parts = [_stay_node(loads, experts, ranks, slots_per_rank, num_logical, max_replicas, previous, target_max)
+    parts = [_stay_node(loads, experts, ranks, slots_per_rank, num_logical, max_replicas, previous, target_max,
+                        fresh_counts)
              for experts, ranks in zip(_experts_by_node(loads, layout, held_before, tolerance), layout.node_ranks)
              if experts.shape[1]]
     return place_in_slots(np.concatenate([r for r, _ in parts], axis=1),

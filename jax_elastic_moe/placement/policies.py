@@ -18,7 +18,6 @@ from typing import Callable
 import numpy as np
 
 from .core import Placement, PlacementError, validate
-from .core import rank_loads
 from .eplb import fresh_plan, held_by_rank, place_in_slots, relabel_packs, stay_plan
 from .movement import closest_plan
 
@@ -140,8 +139,7 @@ def deepseek_hierarchical(loads, num_ranks, slots_per_rank, alive=None, num_node
     fresh = fresh_plan(loads, **shape, previous=before)
     if previous is None:
         return fresh
-    target_max = rank_loads(fresh, loads, slots_per_rank).max(axis=1) * (1.0 + stay_tolerance)
-    stay = stay_plan(loads, **shape, previous=before, target_max=target_max, tolerance=stay_tolerance)
+    stay = stay_plan(loads, **shape, previous=before, fresh=fresh, tolerance=stay_tolerance)
     return closest_plan(before, [stay, fresh], loads, slots_per_rank, alive, stay_tolerance)
 
 
