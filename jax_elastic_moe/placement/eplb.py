@@ -103,9 +103,10 @@ def _replica_cap(num_experts: int, num_ranks_here: int, slots_per_rank: int, max
 
 
 def _identical_ranks(num_experts: int, num_ranks_here: int, slots_per_rank: int, max_replicas) -> bool:
-    """Whether every rank can hold the same multiset of experts (each expert at least once): then
-    every rank carries exactly 1 / a of the load, a perfect balance."""
-    return num_experts <= slots_per_rank and (max_replicas is None or max_replicas >= num_ranks_here)
+    """Whether every rank can hold the same multiset of experts, each expert at least once, filling
+    its slots within max_replicas: then every rank carries exactly 1 / a of the load."""
+    return num_experts <= slots_per_rank and (
+        max_replicas is None or (int(max_replicas) // num_ranks_here) * num_experts >= slots_per_rank)
 
 
 def node_replica_counts(node_loads, num_ranks_here: int, slots_per_rank: int, max_replicas) -> np.ndarray:
