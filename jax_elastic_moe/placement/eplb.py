@@ -10,7 +10,9 @@ Added here for elastic serving:
 - dead ranks take no replicas; their slots stay empty and the global slot numbering is kept;
 - at most one replica of an expert per rank (when the shape allows), so that one rank failure
   costs an expert one replica, never all of them while it has more;
-- a swap pass after packing that lowers the most loaded rank further;
+- a swap pass after packing that lowers the most loaded rank further, and a second candidate with
+  even replica counts, kept per layer when it packs better (small shapes);
+- when every rank can hold every expert (E <= S), every rank gets the same multiset: exact balance;
 - `stay_plan`: the survivors keep what they hold, surplus replicas leave the most loaded ranks,
   missing replicas are packed into the free slots, and swaps run only until the balance is within
   a tolerance of the fresh plan's; few expert weights move.
