@@ -137,8 +137,12 @@ def test_deepseek_global_balances_skewed_loads_at_least_as_well_as_round_robin(c
 
 
 @PROPERTY
-@given(case=cases(), policy=st.sampled_from(["round_robin", *DEEPSEEK]), victim=st.integers(0, 7))
-def test_previous_moves_nothing_when_nothing_changed_and_stays_balanced_after_a_failure(case, policy, victim):
+@given(case=cases(), policy=st.sampled_from(["round_robin", *DEEPSEEK]), victim=st.integers(0, 7),
+       nodes=st.integers(0, 7), groups=st.integers(0, 7))
+def test_previous_moves_nothing_when_nothing_changed_and_stays_balanced_after_a_failure(case, policy, victim,
+                                                                                        nodes, groups):
+    num_nodes, num_groups = hierarchy(case, nodes, groups)
+    case = dict(case, num_nodes=num_nodes, num_groups=num_groups)
     before = rebalance(policy=policy, **case)
     assert movement(before, rebalance(policy=policy, previous=before, **case)).moved == 0
     alive_ranks = np.nonzero(case["alive"])[0]
