@@ -70,25 +70,28 @@ class Placement:
         if phy2log.ndim != 2:
             raise PlacementError(f"phy2log must be [layers, slots], got shape {phy2log.shape}")
         num_layers, num_slots = phy2log.shape
+        if num_ranks < 1:
+            raise PlacementError(f"num_ranks must be >= 1, got {num_ranks}")
         if num_slots % num_ranks:
             raise PlacementError(f"{num_slots} slots do not divide over {num_ranks} ranks")
         if phy2log.max(initial=-1) >= num_logical or phy2log.min(initial=0) < -1:
             raise PlacementError(f"phy2log holds ids outside [-1, {num_logical})")
-        logcnt = np.zeros((num_layers, num_logical), np.int32)
-        for layer in range(num_layers):
-            held = phy2log[layer][phy2log[layer] >= 0]
-            logcnt[layer] = np.bincount(held, minlength=num_logical)
+        logcnt = replica_counts(phy2log, num_logical)
         width = int(logcnt.max(initial=1)) if max_replicas is None else int(max_replicas)
+        if width < 1:
+            raise PlacementError(f"max_replicas must be >= 1, got {width}")
         if logcnt.max(initial=0) > width:
             raise PlacementError(f"an expert has {logcnt.max()} replicas, more than max_replicas={width}")
-        log2phy = np.full((num_layers, num_logical, max(width, 1)), -1, np.int32)
-        for layer in range(num_layers):
-            slots = np.nonzero(phy2log[layer] >= 0)[0]
-            order = np.argsort(phy2log[layer][slots], kind="stable")
-            slots = slots[order]
-            experts = phy2log[layer][slots]
-            first = np.searchsorted(experts, experts, side="left")
-            log2phy[layer, experts, np.arange(len(slots)) - first] = slots
+        log2phy = np.full((num_layers, num_logical, width), -1, np.int32)
+        # sort the held slots by (layer, expert, slot); a slot's column is its rank among its expert's
+        layer_of, slot_of = np.nonzero(phy2log >= 0)
+        key = (layer_of.astype(np.int64) * num_logical + phy2log[layer_of, slot_of]) * num_slots + slot_of
+        order = np.argsort(key, kind="stable")
+        layer_of, slot_of = layer_of[order], slot_of[order]
+        expert_of = phy2log[layer_of, slot_of]
+        run = layer_of.astype(np.int64) * num_logical + expert_of
+        column = np.arange(len(run)) - np.searchsorted(run, run, side="left")
+        log2phy[layer_of, expert_of, column] = slot_of
         return cls(phy2log, log2phy, logcnt, int(num_ranks), num_slots // int(num_ranks))
 
     def with_max_replicas(self, width: int) -> "Placement":
@@ -98,11 +101,53 @@ class Placement:
     def live_logcnt(self, alive) -> np.ndarray:
         """[L, E] int32: replicas of each logical expert on alive ranks."""
         alive = np.asarray(alive, dtype=bool)
-        live_slot = (self.phy2log >= 0) & alive[self.slot_rank()][None, :]
-        out = np.zeros((self.num_layers, self.num_logical), np.int32)
-        for layer in range(self.num_layers):
-            out[layer] = np.bincount(self.phy2log[layer][live_slot[layer]], minlength=self.num_logical)
-        return out
+        if alive.shape != (self.num_ranks,):
+            raise PlacementError(f"alive must have shape ({self.num_ranks},), got {alive.shape}")
+        live = np.where(alive[self.slot_rank()][None, :], self.phy2log, -1)
+        return replica_counts(live, self.num_logical)
+
+    def rank_loads(self, loads) -> np.ndarray:
+        """[L, num_ranks] float64: the load each rank serves, loads [L, E] split evenly over replicas."""
+        return rank_loads(self.phy2log, loads, self.slots_per_rank)
+
+    def imbalance(self, loads, alive=None) -> np.ndarray:
+        """[L] float64: max / mean rank load over the alive ranks (1.0 for a layer without load)."""
+        return imbalance(self.phy2log, loads, self.slots_per_rank, alive)
+
+
+def replica_counts(phy2log, num_logical: int) -> np.ndarray:
+    """phy2log [L, S] (-1 = empty) -> [L, num_logical] int32: replicas of each logical expert."""
+    phy2log = np.asarray(phy2log)
+    num_layers = phy2log.shape[0]
+    layer_of, slot_of = np.nonzero(phy2log >= 0)
+    flat = layer_of.astype(np.int64) * num_logical + phy2log[layer_of, slot_of]
+    counts = np.bincount(flat, minlength=num_layers * num_logical)
+    return counts.reshape(num_layers, num_logical).astype(np.int32)
+
+
+def rank_loads(phy2log, loads, slots_per_rank: int) -> np.ndarray:
+    """phy2log [L, S], loads [L, E] -> [L, S // slots_per_rank] float64: each rank's share of the load,
+    a logical expert's load split evenly over its replicas (as the engine spreads tokens)."""
+    phy2log = np.asarray(phy2log)
+    loads = np.asarray(loads, dtype=np.float64)
+    num_layers, num_slots = phy2log.shape
+    if loads.shape[0] != num_layers:
+        raise PlacementError(f"loads has {loads.shape[0]} layers, the placement {num_layers}")
+    counts = replica_counts(phy2log, loads.shape[1])
+    per_replica = loads / np.maximum(counts, 1)
+    held = np.maximum(phy2log, 0)
+    slot_load = np.where(phy2log >= 0, np.take_along_axis(per_replica, held, axis=1), 0.0)
+    return slot_load.reshape(num_layers, num_slots // slots_per_rank, slots_per_rank).sum(-1)
+
+
+def imbalance(phy2log, loads, slots_per_rank: int, alive=None) -> np.ndarray:
+    """phy2log [L, S], loads [L, E], alive [N] bool or None -> [L] float64: max / mean of the alive
+    ranks' loads (1.0 for a layer without load). 1.0 is perfect balance."""
+    per_rank = rank_loads(phy2log, loads, slots_per_rank)
+    if alive is not None:
+        per_rank = per_rank[:, np.asarray(alive, dtype=bool)]
+    mean = per_rank.mean(axis=1)
+    return np.where(mean > 0, per_rank.max(axis=1) / np.where(mean > 0, mean, 1.0), 1.0)
 
 
 def validate(placement: Placement, alive=None) -> Placement:

@@ -1,0 +1,79 @@
+"""How many expert weights a change of placement moves, and choosing the plan that moves fewest."""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from .core import Placement, PlacementError, imbalance
+
+
+@dataclasses.dataclass(frozen=True)
+class Movement:
+    """The cost of going from one placement to another.
+
+    moved: (layer, slot) pairs whose expert weights must be loaded (the slot holds an expert it
+        did not hold before); bytes: moved * expert_bytes.
+    restored: (layer, logical expert) pairs with no replica on an alive rank of the old placement:
+        their weights come from host memory or disk rather than from a surviving replica.
+    kept: (layer, slot) pairs holding the same expert as before. freed: slots emptied.
+    moved_per_layer: [L] int, `moved` split by layer."""
+    moved: int
+    bytes: int
+    restored: int
+    kept: int
+    freed: int
+    moved_per_layer: np.ndarray
+
+    def to_dict(self) -> dict:
+        out = dataclasses.asdict(self)
+        out["moved_per_layer"] = self.moved_per_layer.tolist()
+        return out
+
+
+def loaded_slots(old_phy2log, new_phy2log) -> np.ndarray:
+    """old_phy2log, new_phy2log: [L, S] -> [L] int64: slots that hold an expert they did not hold."""
+    old_phy2log, new_phy2log = np.asarray(old_phy2log), np.asarray(new_phy2log)
+    return ((new_phy2log >= 0) & (new_phy2log != old_phy2log)).sum(axis=1)
+
+
+def movement(old: Placement, new: Placement, expert_bytes: int = 0, alive=None) -> Movement:
+    """The expert weights to load to go from `old` to `new`.
+
+    alive: [num_ranks] bool or None (all alive): the ranks whose old replicas survive. A slot on a
+    dead rank that `new` fills again counts as moved, even if it held the same expert before (the
+    rank restarted empty). expert_bytes: the size of one expert's weights."""
+    if (old.num_layers, old.num_slots, old.num_logical, old.num_ranks) != (
+            new.num_layers, new.num_slots, new.num_logical, new.num_ranks):
+        raise PlacementError(
+            f"placements differ in shape: old has {old.num_layers} layers, {old.num_slots} slots, "
+            f"{old.num_logical} experts, {old.num_ranks} ranks; new has {new.num_layers}, "
+            f"{new.num_slots}, {new.num_logical}, {new.num_ranks}")
+    if expert_bytes < 0:
+        raise PlacementError(f"expert_bytes must be >= 0, got {expert_bytes}")
+    alive = np.ones(old.num_ranks, bool) if alive is None else np.asarray(alive, bool)
+    if alive.shape != (old.num_ranks,):
+        raise PlacementError(f"alive must have shape ({old.num_ranks},), got {alive.shape}")
+    surviving = np.where(alive[old.slot_rank()][None, :], old.phy2log, -1)
+    per_layer = loaded_slots(surviving, new.phy2log)
+    moved = int(per_layer.sum())
+    restored = int(((old.live_logcnt(alive) == 0) & (new.logcnt > 0)).sum())
+    kept = int(((new.phy2log >= 0) & (new.phy2log == surviving)).sum())
+    freed = int(((surviving >= 0) & (new.phy2log != surviving)).sum())
+    return Movement(moved, moved * int(expert_bytes), restored, kept, freed, per_layer)
+
+
+def closest_plan(previous_phy2log, plans, loads, slots_per_rank: int, alive, tolerance: float) -> np.ndarray:
+    """Per layer, of the candidate plans within (1 + tolerance) of the best balance, the one that
+    moves fewest expert weights from `previous_phy2log` (ties: the better balanced one).
+
+    previous_phy2log: [L, S]; plans: list of [L, S] phy2log; loads: [L, E]; alive: [N] bool.
+    Returns phy2log [L, S]."""
+    plans = np.stack([np.asarray(p) for p in plans])                          # [C, L, S]
+    balance = np.stack([imbalance(p, loads, slots_per_rank, alive) for p in plans])   # [C, L]
+    moves = np.stack([loaded_slots(previous_phy2log, p) for p in plans]).astype(np.float64)
+    eligible = balance <= balance.min(axis=0) * (1.0 + tolerance) + 1e-12
+    # fewest moves first; among equal moves the better balance
+    score = np.where(eligible, moves + balance / (balance.max() + 1.0), np.inf)
+    choice = score.argmin(axis=0)                                                   # [L]
+    return plans[choice, np.arange(plans.shape[1])]
