@@ -82,7 +82,7 @@ class Engine:
 
     def __init__(self, cfg: ModelConfig, params: dict, *, num_ranks: int = 1, redundant_experts: int = 0,
                  dtype: str = "float32", tokenizer=None, placement_policy: str = "round_robin",
-                 recovery_policy: str | None = None, max_batch_size: int = 64, load_window: int = 64,
+                 recovery_policy: str = "deepseek_global", max_batch_size: int = 64, load_window: int = 64,
                  backup: str | None = "host", precompile_fallbacks: bool = False):
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
@@ -104,8 +104,7 @@ class Engine:
         self._loads = collections.deque(maxlen=load_window)
         self._closed = False
         self._dead: EngineDead | None = None
-        self._controller = Controller(num_ranks, self.slots_per_rank, self.max_replicas,
-                                      recovery_policy or placement_policy)
+        self._controller = Controller(num_ranks, self.slots_per_rank, self.max_replicas, recovery_policy)
         placement = self._fit(rebalance(np.ones((cfg.num_moe_layers, cfg.num_experts)), num_ranks,
                                         self.slots_per_rank, policy=placement_policy))
         self._devices = local_devices(num_ranks)
@@ -219,6 +218,16 @@ class Engine:
         self._check_live(self._placement, active)
         self._active = active
         self._runner.set_active(active[self._mesh_ranks])
+
+    def rebalance(self, policy: str | None = None) -> Placement:
+        """Re-places experts from the measured loads (expert_loads) over the alive ranks, staying close
+        to the current placement; expert weights move between slots, nothing recompiles."""
+        self._check_open()
+        p = rebalance(self.expert_loads().astype(np.float64) + 1.0, self.num_ranks, self.slots_per_rank,
+                      policy=policy or self._controller.policy, alive=self.alive, previous=self._placement,
+                      max_replicas=self.max_replicas)
+        self.set_placement(p)
+        return p
 
     def expert_loads(self) -> np.ndarray:
         """[Lm, E] tokens routed to each logical expert over the last steps (the load window)."""

@@ -204,3 +204,19 @@ def test_string_prompts_with_tokenizer(hf_checkpoints, tmp_path):
         by_ids = eng.generate([[5, 17, 33]], max_new_tokens=4, stop_token_ids=[])[0]
     assert by_text.token_ids == by_ids.token_ids
     assert by_text.text.split() == [f"w{t}" if t != 95 else "[UNK]" for t in by_ids.token_ids]
+
+
+def test_rebalance_from_measured_loads_keeps_results(engines):
+    one, four = engines
+    prompts = [[int(t) for t in np.random.RandomState(i).randint(0, 256, 12)] for i in range(6)]
+    want = [r.token_ids for r in one.generate(prompts, max_new_tokens=6, stop_token_ids=[])]
+    four.generate(prompts, max_new_tokens=6, stop_token_ids=[])
+    loads = four.expert_loads()
+    before = four.placement.imbalance(loads).max()
+    p = four.rebalance()
+    assert four.placement == p
+    # the hottest expert of each layer gets at least as many replicas as the coldest
+    hot, cold = loads.argmax(1), loads.argmin(1)
+    assert all(p.logcnt[l, hot[l]] >= p.logcnt[l, cold[l]] for l in range(loads.shape[0]))
+    assert p.imbalance(loads).max() <= before
+    assert [r.token_ids for r in four.generate(prompts, max_new_tokens=6, stop_token_ids=[])] == want
