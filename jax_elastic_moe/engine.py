@@ -60,6 +60,14 @@ def local_devices(num_ranks: int):
     return devices[:num_ranks]
 
 
+def enable_compilation_cache(path: str):
+    """JAX's persistent compilation cache in `path`, for every program however fast it compiled."""
+    os.makedirs(path, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
 @dataclasses.dataclass
 class _Request:
     id: int
@@ -83,7 +91,8 @@ class Engine:
     def __init__(self, cfg: ModelConfig, params: dict, *, num_ranks: int = 1, redundant_experts: int = 0,
                  dtype: str = "float32", tokenizer=None, placement_policy: str = "round_robin",
                  recovery_policy: str = "deepseek_global", max_batch_size: int = 64, load_window: int = 64,
-                 backup: str | None = "host", precompile_fallbacks: bool = False):
+                 backup: str | None = "host", precompile_fallbacks: bool = False,
+                 compilation_cache_dir: str | None = None):
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
         if redundant_experts < 0:
@@ -95,6 +104,8 @@ class Engine:
             raise ValueError(
                 f"{cfg.num_experts} experts + redundant_experts={redundant_experts} = {num_slots} slots do not "
                 f"divide evenly over num_ranks={num_ranks}")
+        if compilation_cache_dir:
+            enable_compilation_cache(compilation_cache_dir)
         self.cfg, self.dtype, self.tokenizer = cfg, dtype, tokenizer
         self.num_ranks, self.redundant_experts = num_ranks, redundant_experts
         self.slots_per_rank = num_slots // num_ranks
@@ -118,9 +129,11 @@ class Engine:
         self._fail_lock = threading.Lock()
         self._precompile = precompile_fallbacks
         self._fallbacks: dict[frozenset, dict] = {}
+        self._cancel_fallbacks = threading.Event()
         self._fallback_thread: threading.Thread | None = None
         self._pending_record: tuple[RecoveryRecord, float, float] | None = None
         self._last_good = time.perf_counter()
+        self._batch_shapes: list = []
         self.step_times: list[float] = []
 
     # -- construction -----------------------------------------------------------------------------
@@ -282,8 +295,7 @@ class Engine:
         rec.decide_s, rec.epoch = t1 - t0, epoch.number
         alive = epoch.active.astype(bool)
         keep_ranks = np.nonzero(alive)[0].tolist()
-        if self._fallback_thread is not None:
-            self._fallback_thread.join()
+        self._cancel_fallbacks.set()        # a fallback not ready now is compiled here instead
         compiled = self._fallbacks.pop(frozenset(keep_ranks), None)
         rec.precompiled = compiled is not None
         runner, moved = self._runner.survivors([self._mesh_ranks.index(r) for r in keep_ranks],
@@ -295,6 +307,10 @@ class Engine:
         self._active = epoch.active.copy()
         self._fallbacks.clear()
         rec.restore_s = time.perf_counter() - t1
+        if compiled is None and self._batch_shapes:
+            t2 = time.perf_counter()
+            runner.precompile([self._resume_shape(n, len(keep_ranks)) for n in self._batch_shapes], parallel=True)
+            rec.compile_s = time.perf_counter() - t2
         self._controller.records.append(rec)
         self._pending_record = (rec, time.perf_counter(), failure.detected_at)
 
@@ -304,9 +320,12 @@ class Engine:
             return
         alive = np.nonzero(self.alive)[0].tolist()
         loads, placement, devices = self.expert_loads(), self._placement, self._devices
+        self._cancel_fallbacks = cancel = threading.Event()
 
         def work():
             for r in alive:
+                if cancel.is_set():
+                    return
                 keep = [k for k in alive if k != r]
                 if frozenset(keep) in self._fallbacks or not keep:
                     continue
@@ -320,6 +339,12 @@ class Engine:
                     [self._resume_shape(name, len(keep)) for name in shapes])
         self._fallback_thread = threading.Thread(target=work, daemon=True, name="jem-precompile")
         self._fallback_thread.start()
+
+    def wait_fallbacks(self) -> int:
+        """Waits for the background precompilation; returns how many fallback meshes are ready."""
+        if self._fallback_thread is not None:
+            self._fallback_thread.join()
+        return len(self._fallbacks)
 
     def _batch_pad(self, b: int, ranks: int | None = None) -> int:
         n = ranks or len(self._mesh_ranks)
@@ -415,8 +440,8 @@ class Engine:
         self.step_times.append(now - self._last_good)
         if self._pending_record is not None:
             rec, restored_at, failed_at = self._pending_record
-            rec.compile_s = self._runner_compile_s
-            rec.resume_s = now - restored_at - rec.compile_s
+            rec.compile_s += self._runner_compile_s
+            rec.resume_s = now - restored_at - self._runner_compile_s
             rec.total_s = now - min(failed_at, self._last_good)
             self._pending_record = None
         self._last_good = now
@@ -454,8 +479,9 @@ class Engine:
         done = np.zeros(bp, bool)
         done[b:] = True
         positions = lens.copy()
+        self._batch_shapes = [("prefill", bp, seq, cache_len), ("decode", bp, cache_len)]
         if self._precompile:
-            self._start_fallbacks([("prefill", bp, seq, cache_len), ("decode", bp, cache_len)])
+            self._start_fallbacks(self._batch_shapes)
         while True:
             toks = np.asarray(nxt)
             self._good_step()

@@ -30,6 +30,14 @@ def key_of(path: tuple) -> str:
     return "/".join(map(str, path))
 
 
+@functools.lru_cache(maxsize=16)
+def _abstract_model(cfg: ModelConfig, num_slots: int, dtype):
+    """(graphdef, [(path, abstract Param)]) of the model: traced once per shape, not per mesh."""
+    abstract = nnx.eval_shape(lambda: MoEModel(cfg, num_slots, dtype))
+    graphdef, state = nnx.split(abstract, nnx.Param)
+    return graphdef, tuple(nnx.to_flat_state(state))
+
+
 class SpmdRunner:
     """Compiled steps of one model over one mesh of local devices.
 
@@ -44,13 +52,12 @@ class SpmdRunner:
             raise ValueError(f"placement is for {placement.num_ranks} ranks, mesh has {self.num_ranks}")
         self.slots_per_rank = placement.slots_per_rank
         self.mesh = Mesh(np.array(self.devices), (EP_AXIS,))
-        abstract = nnx.eval_shape(lambda: MoEModel(cfg, placement.num_slots, dtype))
-        self.graphdef, abstract_state = nnx.split(abstract, nnx.Param)
-        self._variables = list(nnx.to_flat_state(abstract_state))
+        self.graphdef, self._variables = _abstract_model(cfg, placement.num_slots, jnp.dtype(dtype))
         self.moe_layer_ids = [i for i, m in enumerate(cfg.moe_layers) if m]
         self.placement = placement
         self.params = params
         self._compiled = {}
+        self._pending: dict = {}
         self._lock = threading.Lock()
         self.log2phy = self.put_replicated(placement.log2phy)
         self.active = self.put_replicated(np.ones(self.num_ranks, np.int32))
@@ -104,6 +111,8 @@ class SpmdRunner:
                 continue
             m = self.moe_index(path)
             old_row, new_row = self.placement.phy2log[m], placement.phy2log[m]
+            # Survivors' slots go through host memory: a copy, no compilation on the recovery path.
+            local = {r: np.asarray(shards[self.devices[r]]) for r in keep}
             where = {}                              # expert -> (old rank, local slot) on a survivor
             for r in keep:
                 for j in range(old_spr):
@@ -112,20 +121,19 @@ class SpmdRunner:
                         where.setdefault(e, (r, j))
             blocks = []
             for new_rank, old_rank in enumerate(keep):
-                dev = self.devices[old_rank]
-                rows = []
+                block = np.zeros((spr,) + local[old_rank].shape[1:], local[old_rank].dtype)
                 for j in range(spr):
                     e = int(new_row[new_rank * spr + j])
                     if e < 0:
-                        rows.append(jnp.zeros(shards[dev].shape[1:], shards[dev].dtype, device=dev))
-                    elif j < old_spr and int(old_row[old_rank * old_spr + j]) == e:
-                        rows.append(shards[dev][j]); stats["kept"] += 1
+                        continue
+                    if j < old_spr and int(old_row[old_rank * old_spr + j]) == e:
+                        block[j] = local[old_rank][j]; stats["kept"] += 1
                     elif e in where:
                         r, k = where[e]
-                        rows.append(jax.device_put(shards[self.devices[r]][k], dev)); stats["peer"] += 1
+                        block[j] = local[r][k]; stats["peer"] += 1
                     else:
-                        rows.append(jax.device_put(backup[path][e], dev)); stats["backup"] += 1
-                blocks.append(jnp.stack(rows))
+                        block[j] = backup[path][e]; stats["backup"] += 1
+                blocks.append(jax.device_put(block, self.devices[old_rank]))
             shape = (placement.num_slots,) + tuple(self.params[key].shape[1:])
             params[key] = jax.make_array_from_single_device_arrays(shape, new._sharding(param_spec(path)), blocks)
         new.params = params
@@ -165,11 +173,25 @@ class SpmdRunner:
         return jax.ShapeDtypeStruct(shape, dtype, sharding=self._sharding(spec))
 
     def _aot(self, name, fn, *abstract_args):
-        """Compiles fn for these argument shapes once (ahead of time); thread-safe."""
+        """Compiles fn for these argument shapes once (ahead of time); thread-safe, and two different
+        programs may compile at the same time."""
         with self._lock:
-            if name not in self._compiled:
-                self._compiled[name] = fn.lower(*abstract_args).compile()
+            if name in self._compiled:
+                return self._compiled[name]
+            owner = name not in self._pending
+            pending = self._pending.setdefault(name, threading.Event())
+        if not owner:
+            pending.wait()
             return self._compiled[name]
+        try:
+            compiled = fn.lower(*abstract_args).compile()
+            with self._lock:
+                self._compiled[name] = compiled
+        finally:
+            with self._lock:
+                self._pending.pop(name, None)
+            pending.set()
+        return compiled
 
     def _common_abstract(self):
         key = jax.eval_shape(lambda: jax.random.key(0))
@@ -236,11 +258,21 @@ class SpmdRunner:
     def compiled_shapes(self) -> list:
         return list(self._compiled)
 
-    def precompile(self, names: list):
-        """Compiles the steps named like compiled_shapes() entries (for a fallback mesh)."""
-        for name in names:
+    def precompile(self, names: list, parallel: bool = False):
+        """Compiles the steps named like compiled_shapes() entries; `parallel`: one thread each
+        (XLA compiles outside the GIL, so two programs take about the time of one on two cores)."""
+        def one(name):
             kind, *dims = name
             getattr(self, f"{kind}_fn")(*dims)
+        if parallel and len(names) > 1:
+            threads = [threading.Thread(target=one, args=(n,)) for n in names]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+        else:
+            for name in names:
+                one(name)
         return dict(self._compiled)
 
     # -- placement ------------------------------------------------------------------------------
