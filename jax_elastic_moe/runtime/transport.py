@@ -120,10 +120,19 @@ class ExchangeResult:
       region unless copy=True; see Transport.recv for how long a view stays valid).
     failed: suspect rank -> why (write failed, no completion or no signal within the deadline,
       corrupt payload, fault injection).
+    silent: the ranks of `failed` named only because their signal did not arrive in time. A live
+      rank that is itself stuck waiting on a dead one is silent too, so silence is weaker evidence
+      than a failed or timed-out write to the rank (`direct`); the controller confirms.
     """
 
     payloads: dict = field(default_factory=dict)
     failed: dict = field(default_factory=dict)
+    silent: set = field(default_factory=set)
+
+    @property
+    def direct(self) -> set:
+        """Ranks named by direct evidence: their transfers failed or timed out, or their data was bad."""
+        return set(self.failed) - self.silent
 
     @property
     def ok(self) -> bool:
@@ -304,6 +313,14 @@ class Transport:
     def orphan_count(self) -> int:
         """Abandoned transfers Mooncake has not resolved yet (each holds a batch descriptor)."""
         return sum(len(p.orphans) for p in [*self._peers.values(), *self._retired])
+
+    def reclaim(self) -> int:
+        """Drive sends in flight and reclaim abandoned transfers Mooncake has resolved since; call it
+        when idle (every send, set_peers, read and write does it too). Returns `orphan_count`."""
+        self._engine_blocker()
+        self._advance_pending()
+        self._poll_orphans()
+        return self.orphan_count
 
     def peer_state(self, rank: int) -> tuple[str, str]:
         """(state, reason) of the connection to `rank`: unopened, open or failed."""
@@ -639,7 +656,9 @@ class Transport:
                         result.failed.setdefault(handle.dest, why)
                 if expired:
                     for source in waiting:
-                        result.failed.setdefault(source, f"no signal for seq {seq} before the deadline")
+                        if source not in result.failed:
+                            result.failed[source] = f"no signal for seq {seq} before the deadline"
+                            result.silent.add(source)
                 return result
             delay = self._nap(delay)
 
