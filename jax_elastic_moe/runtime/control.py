@@ -14,6 +14,7 @@ send is non-blocking, every socket closes with linger 0.
 from __future__ import annotations
 
 import itertools
+import math
 import time
 from dataclasses import dataclass
 from typing import Iterable, Mapping
@@ -114,7 +115,7 @@ def bind_endpoint(sock: zmq.Socket, endpoint: str) -> str:
 
 def _poll(sock: zmq.Socket, deadline: float) -> bool:
     remaining = deadline - time.monotonic()
-    return remaining > 0 and bool(sock.poll(max(1, int(remaining * 1000)), zmq.POLLIN))
+    return remaining > 0 and bool(sock.poll(math.ceil(remaining * 1000), zmq.POLLIN))
 
 
 @dataclass

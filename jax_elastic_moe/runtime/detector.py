@@ -74,7 +74,7 @@ class HeartbeatEvent:
 def _check_timing(interval: float, timeout: float):
     if not interval > 0:
         raise ValueError(f"heartbeat_interval must be > 0 seconds, got {interval!r}")
-    if not timeout >= _MIN_MARGIN * interval:
+    if not timeout >= _MIN_MARGIN * interval * (1 - 1e-9):
         raise ValueError(f"heartbeat_timeout ({timeout!r} s) must be at least {_MIN_MARGIN} x "
                          f"heartbeat_interval ({interval!r} s) so that one late heartbeat is no alarm")
 
