@@ -152,19 +152,42 @@ def _rank_main(conn, rank: int, num_ranks: int, transport_kwargs: dict, lifetime
 # ---------------------------------------------------------------------------------- parent side
 
 
+def _wait_stopped(pid: int, timeout: float):
+    """Wait until every thread of `pid` is in state T (stopped); Linux /proc, else a short sleep."""
+    task_dir = f"/proc/{pid}/task"
+    if not os.path.isdir(task_dir):
+        time.sleep(0.1)
+        return
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        states = []
+        for tid in os.listdir(task_dir):
+            try:
+                with open(f"{task_dir}/{tid}/stat") as f:
+                    states.append(f.read().rsplit(")", 1)[1].split()[0])
+            except OSError:  # thread exited meanwhile
+                continue
+        if states and all(state in "Tt" for state in states):
+            return
+        time.sleep(0.001)
+    raise TimeoutError(f"process {pid} did not stop within {timeout} s")
+
+
 class LoopbackCluster:
     """`num_ranks` Transport processes on loopback.
 
     Args:
-      num_ranks: ranks to start.
+      num_ranks: ranks of the job.
+      ranks: the ranks to run as child processes (default all; leave one out to own it in-process).
       lifetime_s: hard bound on every child's life.
       env: extra environment for the children (Mooncake's MC_* knobs; MC_LOG_LEVEL defaults to ERROR).
       **transport_kwargs: passed to every Transport (max_rows, row_bytes, meta_bytes, ...).
     """
 
-    def __init__(self, num_ranks: int, *, lifetime_s: float = 120.0, env: dict | None = None,
-                 start_timeout: float = 60.0, **transport_kwargs):
+    def __init__(self, num_ranks: int, *, ranks: Iterable[int] | None = None, lifetime_s: float = 120.0,
+                 env: dict | None = None, start_timeout: float = 60.0, **transport_kwargs):
         self.num_ranks = num_ranks
+        self.ranks = list(range(num_ranks) if ranks is None else ranks)
         self.lifetime_s = lifetime_s
         self.start_timeout = start_timeout
         self.transport_kwargs = {"max_rows": 64, "row_bytes": 4096, "meta_bytes": 256, **transport_kwargs}
@@ -181,7 +204,7 @@ class LoopbackCluster:
 
     def __enter__(self):
         try:
-            self.start()
+            self.start(self.ranks)
         except BaseException:
             self.close()
             raise
@@ -264,9 +287,13 @@ class LoopbackCluster:
                              timeout=timeout, digests=digests)
 
     def signal(self, rank: int, sig: int) -> float:
-        """Send `sig` to `rank`'s process; returns time.monotonic() just before."""
+        """Send `sig` to `rank`'s process; returns time.monotonic() just before. For SIGSTOP, returns
+        once every thread of the process is stopped (a thread may run a moment after the signal)."""
+        pid = self.procs[rank].pid
         now = time.monotonic()
-        os.kill(self.procs[rank].pid, sig)
+        os.kill(pid, sig)
+        if sig == signal.SIGSTOP:
+            _wait_stopped(pid, timeout=5.0)
         return now
 
     def kill(self, rank: int) -> float:

@@ -199,8 +199,10 @@ class Transport:
         and write it with `read` / `write`.
       buffers_per_source: receive slots per source (seq s uses s % buffers_per_source).
       exchange_timeout: default seconds `exchange` waits before naming silent peers.
-      stall_timeout_s: Mooncake's TCP no-progress timeout (MC_TCP_PROGRESS_TIMEOUT_SEC, set for this
-        process unless already set); bounds how long an abandoned transfer to a hung peer lingers.
+      stall_timeout_s: Mooncake's TCP no-progress timeout in whole seconds: how long an abandoned
+        transfer to a hung peer lingers before Mooncake fails it (default 30 s in Mooncake). Sets the
+        process-wide MC_TCP_PROGRESS_TIMEOUT_SEC / MC_TCP_STATUS_TIMEOUT_SEC, read by Mooncake per
+        connection; None leaves them alone.
       drop: fault injection, every send to another rank fails immediately.
       delay_s: fault injection, the first send/recv of each seq sleeps this long first.
     """
@@ -208,7 +210,7 @@ class Transport:
     def __init__(self, rank: int, num_ranks: int, max_rows: int, row_bytes: int, meta_bytes: int, *,
                  host: str = "127.0.0.1", protocol: str = "tcp", device_name: str = "",
                  weights_bytes: int = 0, buffers_per_source: int = 2,
-                 exchange_timeout: float = DEFAULT_EXCHANGE_TIMEOUT, stall_timeout_s: int = 5,
+                 exchange_timeout: float = DEFAULT_EXCHANGE_TIMEOUT, stall_timeout_s: int | None = 5,
                  drop: bool = False, delay_s: float = 0.0):
         self.layout = RegionLayout(num_ranks, max_rows, row_bytes, meta_bytes, buffers_per_source)
         if not isinstance(rank, (int, np.integer)) or not 0 <= rank < num_ranks:
@@ -219,14 +221,15 @@ class Transport:
             raise ValueError(f"weights_bytes must be an int >= 0, got {weights_bytes!r}")
         if not exchange_timeout > 0:
             raise ValueError(f"exchange_timeout must be > 0 seconds, got {exchange_timeout!r}")
-        if not isinstance(stall_timeout_s, int) or stall_timeout_s < 1:
-            raise ValueError(f"stall_timeout_s must be an int >= 1, got {stall_timeout_s!r}")
+        if stall_timeout_s is not None and (not isinstance(stall_timeout_s, int) or stall_timeout_s < 1):
+            raise ValueError(f"stall_timeout_s must be an int >= 1 (seconds) or None, got {stall_timeout_s!r}")
         self.rank, self.num_ranks = int(rank), int(num_ranks)
         self.exchange_timeout = float(exchange_timeout)
         self._drop, self._delay_s, self._delayed_seq = False, 0.0, None
         self.set_fault(drop=drop, delay_s=delay_s)
-        for var in ("MC_TCP_PROGRESS_TIMEOUT_SEC", "MC_TCP_STATUS_TIMEOUT_SEC"):
-            os.environ.setdefault(var, str(stall_timeout_s))
+        if stall_timeout_s is not None:
+            for var in ("MC_TCP_PROGRESS_TIMEOUT_SEC", "MC_TCP_STATUS_TIMEOUT_SEC"):
+                os.environ[var] = str(stall_timeout_s)
         try:
             from mooncake.engine import TransferEngine
         except ImportError as e:  # pragma: no cover - depends on the environment
@@ -708,6 +711,7 @@ class Transport:
         seq = check_seq(seq)
         if timeout is not None and not timeout > 0:
             raise ValueError(f"timeout must be > 0 seconds, got {timeout!r}")
+        self._maybe_delay(seq)  # a slow rank is late to start; its own deadline runs from then
         deadline = time.monotonic() + (self.exchange_timeout if timeout is None else timeout)
         sources = sorted(outgoing) if sources is None else [self._check_rank(s, "source") for s in sources]
         handles = [self.send(dest, arrays, seq) for dest, arrays in sorted(outgoing.items())]
