@@ -131,7 +131,22 @@ class Incoming:
         return self.request_id is not None
 
 
-class ControlServer:
+class _Endpoint:
+    """A socket owner: close() (linger 0) and the context-manager protocol."""
+
+    _sock: zmq.Socket
+
+    def close(self):
+        self._sock.close(linger=0)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class ControlServer(_Endpoint):
     """The controller's end: receives requests and notes from workers, replies, broadcasts.
 
     Args:
@@ -193,17 +208,9 @@ class ControlServer:
         targets = list(self.peers if identities is None else identities)
         return [identity for identity in targets if not self.send(identity, msg)]
 
-    def close(self):
-        self._sock.close(linger=0)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
 
-class ControlClient:
+class ControlClient(_Endpoint):
     """A worker's end: requests with timeouts, one-way notes, and the controller's broadcasts.
 
     Args:
@@ -271,11 +278,3 @@ class ControlClient:
                 return decode(frames[2])
         raise ControlTimeout(f"no message from the controller within {timeout:.3g} s")
 
-    def close(self):
-        self._sock.close(linger=0)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()

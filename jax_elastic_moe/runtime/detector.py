@@ -20,6 +20,7 @@ SIGSTOP cannot pass for the restarted rank.
 """
 from __future__ import annotations
 
+import abc
 import logging
 import secrets
 import threading
@@ -153,7 +154,42 @@ class HeartbeatDetector:
         return self._peers[peer]
 
 
-class HeartbeatSender:
+class _SocketThread(abc.ABC):
+    """A daemon thread that owns one zmq socket: start() opens it here and hands it to `_run` on the
+    thread (a socket is used by one thread at a time); stop() ends the loop and joins."""
+
+    _stop: threading.Event
+    _thread: threading.Thread | None
+
+    @abc.abstractmethod
+    def _open_socket(self) -> zmq.Socket:
+        """Create (and connect or bind) the socket, on the caller's thread."""
+
+    @abc.abstractmethod
+    def _run(self, sock: zmq.Socket):
+        """The thread's loop; runs until `_stop` is set, then closes `sock`."""
+
+    def start(self):
+        if self._thread is not None:
+            raise RuntimeError(f"{type(self).__name__} already started")
+        sock = self._open_socket()
+        self._thread = threading.Thread(target=self._run, args=(sock,), daemon=True, name=type(self).__name__)
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 2.0):
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
+
+
+class HeartbeatSender(_SocketThread):
     """Worker side: a thread that sends a heartbeat to `endpoint` every `interval` seconds.
 
     If the monitor is unreachable, heartbeats are dropped (never queued up): a late burst of stale
@@ -172,15 +208,10 @@ class HeartbeatSender:
         self.sent = 0
         self.dropped = 0
 
-    def start(self) -> "HeartbeatSender":
-        if self._thread is not None:
-            raise RuntimeError("HeartbeatSender already started")
+    def _open_socket(self) -> zmq.Socket:
         sock = make_socket(self._context, zmq.PUSH, SNDHWM=4, IMMEDIATE=1)
         sock.connect(self.endpoint)
-        self._thread = threading.Thread(target=self._run, args=(sock,), daemon=True,
-                                        name=f"heartbeat-sender-rank{self.rank}")
-        self._thread.start()
-        return self
+        return sock
 
     def _run(self, sock: zmq.Socket):
         try:
@@ -198,19 +229,9 @@ class HeartbeatSender:
         finally:
             sock.close(linger=0)
 
-    def stop(self, timeout: float = 2.0):
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
-
-    def __enter__(self):
-        return self.start()
-
-    def __exit__(self, *exc):
-        self.stop()
 
 
-class HeartbeatMonitor:
+class HeartbeatMonitor(_SocketThread):
     """Controller side: a thread that receives heartbeats and reports suspects through callbacks.
 
     Args:
@@ -236,18 +257,14 @@ class HeartbeatMonitor:
         self.callback_errors: list[BaseException] = []
         self.rejected = 0  # malformed heartbeats, or from unwatched ranks / other incarnations
 
-    def start(self) -> "HeartbeatMonitor":
-        if self._thread is not None:
-            raise RuntimeError("HeartbeatMonitor already started")
+    def _open_socket(self) -> zmq.Socket:
         sock = make_socket(self._context, zmq.PULL)
         try:
             self.endpoint = bind_endpoint(sock, self._requested_endpoint)
         except zmq.ZMQError as e:
             sock.close()
             raise RuntimeError(f"cannot bind the heartbeat monitor to {self._requested_endpoint!r}: {e}") from e
-        self._thread = threading.Thread(target=self._run, args=(sock,), daemon=True, name="heartbeat-monitor")
-        self._thread.start()
-        return self
+        return sock
 
     def watch(self, rank: int, incarnation: int | None = None):
         with self._lock:
@@ -304,13 +321,3 @@ class HeartbeatMonitor:
             log.exception("heartbeat %s callback failed for %r", event.kind, event.peer)
             self.callback_errors.append(e)
 
-    def stop(self, timeout: float = 2.0):
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
-
-    def __enter__(self):
-        return self.start()
-
-    def __exit__(self, *exc):
-        self.stop()

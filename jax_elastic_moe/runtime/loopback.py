@@ -74,8 +74,8 @@ def _exchange(t: Transport, seq: int, rows: int, dests, timeout: float, digests:
         want = make_payload(src, t.rank, seq, rows, t.layout.row_bytes)
         if len(arrays) != 2 or not all(np.array_equal(a, b) for a, b in zip(arrays, want)):
             bad[src] = f"payload from rank {src} differs from make_payload({src}, {t.rank}, {seq})"
-    out = {"failed": dict(result.failed), "silent": sorted(result.silent), "bad": bad, "elapsed": end - start, "t_end": end,
-           "received": sorted(result.payloads)}
+    out = {"failed": dict(result.failed), "silent": sorted(result.silent), "bad": bad,
+           "elapsed": end - start, "t_end": end, "received": sorted(result.payloads)}
     if digests:
         out["digests"] = {src: payload_digest(a) for src, a in result.payloads.items()}
     return out
