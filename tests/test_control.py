@@ -2,12 +2,15 @@
 import threading
 import time
 
-import msgpack
 import pytest
 
-from jax_elastic_moe.runtime.control import (ControlClient, ControlError, ControlServer, ControlTimeout,
-                                             ProtocolError, decode, encode, message, register_message, validate)
-from runtime_support import bounded_test, children, control_worker  # noqa: F401 (fixtures)
+msgpack = pytest.importorskip("msgpack", reason="needs the elastic extras: pip install 'jax-elastic-moe[elastic]'")
+pytest.importorskip("zmq", reason="needs the elastic extras: pip install 'jax-elastic-moe[elastic]'")
+
+from jax_elastic_moe.runtime.control import (ControlClient, ControlError, ControlServer,  # noqa: E402
+                                             ControlTimeout, ProtocolError, decode, encode, message,
+                                             register_message, validate)
+from runtime_support import bounded_test, children, control_worker  # noqa: E402,F401 (fixtures)
 
 
 def test_message_validation_names_the_problem():

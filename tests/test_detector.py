@@ -6,13 +6,15 @@ import threading
 import time
 
 import pytest
-import zmq
 from hypothesis import assume, given, settings, strategies as st
 
-from jax_elastic_moe.runtime.control import encode, make_socket, message
-from jax_elastic_moe.runtime.detector import (DEFAULT_HEARTBEAT_INTERVAL, DEFAULT_HEARTBEAT_TIMEOUT,
+zmq = pytest.importorskip("zmq", reason="needs the elastic extras: pip install 'jax-elastic-moe[elastic]'")
+pytest.importorskip("msgpack", reason="needs the elastic extras: pip install 'jax-elastic-moe[elastic]'")
+
+from jax_elastic_moe.runtime.control import encode, make_socket, message  # noqa: E402
+from jax_elastic_moe.runtime.detector import (DEFAULT_HEARTBEAT_INTERVAL, DEFAULT_HEARTBEAT_TIMEOUT,  # noqa: E402
                                               HeartbeatDetector, HeartbeatMonitor, HeartbeatSender)
-from runtime_support import bounded_test, burn_cpu, children, heartbeat_child  # noqa: F401 (fixtures)
+from runtime_support import bounded_test, burn_cpu, children, heartbeat_child  # noqa: E402,F401 (fixtures)
 
 
 class FakeClock:

@@ -11,11 +11,13 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from jax_elastic_moe.runtime.layout import (HEADER_BYTES, MAX_ARRAYS, PayloadError, RegionLayout, aligned_buffer,
-                                            pack_payload, unpack_payload)
-from jax_elastic_moe.runtime.loopback import LoopbackCluster, make_payload, payload_digest
-from jax_elastic_moe.runtime.transport import PeerAddress, PeerFailure, Transport
-from runtime_support import bounded_test  # noqa: F401 (autouse fixture)
+pytest.importorskip("mooncake.engine", reason="needs the elastic extras: pip install 'jax-elastic-moe[elastic]'")
+
+from jax_elastic_moe.runtime.layout import (HEADER_BYTES, MAX_ARRAYS, PayloadError, RegionLayout,  # noqa: E402
+                                            aligned_buffer, pack_payload, unpack_payload)
+from jax_elastic_moe.runtime.loopback import LoopbackCluster, make_payload, payload_digest  # noqa: E402
+from jax_elastic_moe.runtime.transport import PeerAddress, PeerFailure, Transport  # noqa: E402
+from runtime_support import bounded_test  # noqa: E402,F401 (autouse fixture)
 
 os.environ.setdefault("MC_LOG_LEVEL", "ERROR")
 TIMEOUT = 0.5  # exchange deadline of these tests (the default)
