@@ -173,6 +173,16 @@ def test_recv_never_blocks_past_the_deadline(pair):
         assert info.value.ranks == (1,)
 
 
+def test_liveness_probe_names_a_dead_silent_source_before_the_deadline(pair):
+    a, b = pair
+    b.close()  # its engine is gone: nothing listens at its address any more
+    start = time.monotonic()
+    result = a.recv([1], seq=4, deadline=start + 3.0)
+    assert time.monotonic() - start < 0.5
+    assert result.direct == {1} and "probe write" in result.failed[1]
+    assert a.peer_state(1)[0] == "failed"
+
+
 def test_drop_fails_sends_at_once_and_blames_self(pair):
     a, _ = pair
     a.set_fault(drop=True)
@@ -227,7 +237,8 @@ def _run_all(cluster, ranks, first_seq, rows=16):
 @pytest.mark.parametrize("how", ["kill", "stop"])
 def test_dead_or_hung_peer_is_named_within_the_deadline(cluster4, how):
     """Ranks exchange back to back; rank 3 is SIGKILLed or SIGSTOPped mid-run. Every survivor's
-    exchange returns naming rank 3 within exchange_timeout + margin: nothing hangs."""
+    exchange returns naming rank 3 within exchange_timeout + margin: nothing hangs. A killed rank is
+    named by a failed write or liveness probe, before the deadline."""
     _run_all(cluster4, range(4), first_seq=1)
     time.sleep(1.0)
     hit = cluster4.signal(3, signal.SIGKILL if how == "kill" else signal.SIGSTOP)
@@ -235,7 +246,10 @@ def test_dead_or_hung_peer_is_named_within_the_deadline(cluster4, how):
         out = cluster4.collect(rank, wait=TIMEOUT + 5)
         assert out["steps"] > 10, out  # it was running before the failure
         assert 3 in out["failed"], out
-        assert out["t_detect"] - hit < TIMEOUT + MARGIN, (rank, out["t_detect"] - hit, out["failed"])
+        detected = out["t_detect"] - hit
+        assert detected < TIMEOUT + MARGIN, (rank, detected, out["failed"])
+        if how == "kill":
+            assert detected < TIMEOUT and 3 not in out["silent"], (rank, detected, out["failed"])
     # the survivors carry on among themselves while rank 3 is dead or still stopped
     assert cluster4.install_peers([0, 1, 2]) == {0: None, 1: None, 2: None}
     results = cluster4.exchange([0, 1, 2], 10**6, 32)

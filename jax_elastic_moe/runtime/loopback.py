@@ -88,10 +88,10 @@ def _run(t: Transport, first_seq: int, steps: int, rows: int, dests, timeout: fl
         out = _exchange(t, seq, rows, dests, timeout, digests=False)
         if out["failed"] or out["bad"]:
             return {"steps": len(latencies), "latencies": latencies, "failed": out["failed"],
-                    "bad": out["bad"], "seq": seq, "t_detect": out["t_end"]}
+                    "silent": out["silent"], "bad": out["bad"], "seq": seq, "t_detect": out["t_end"]}
         latencies.append(out["elapsed"])
-    return {"steps": len(latencies), "latencies": latencies, "failed": {}, "bad": {}, "seq": None,
-            "t_detect": None}
+    return {"steps": len(latencies), "latencies": latencies, "failed": {}, "silent": [], "bad": {},
+            "seq": None, "t_detect": None}
 
 
 def _fill_weights(t: Transport, seed: int):

@@ -44,6 +44,8 @@ DEFAULT_EXCHANGE_TIMEOUT = 0.5
 DEFAULT_CONNECT_TIMEOUT = 5.0
 _POLL_MIN_S = 20e-6
 _POLL_MAX_S = 1e-3
+_PROBE_AFTER_S = 0.02  # a source silent this long into a wait gets liveness probes ...
+_PROBE_EVERY_S = 0.05  # ... at most this often
 # transfer_check_status codes (mooncake-integration/transfer_engine/transfer_engine_py.cpp)
 _PENDING, _COMPLETED, _FAILED, _TIMED_OUT = 0, 1, -1, -2
 
@@ -539,39 +541,82 @@ class Transport:
         result = ExchangeResult()
         waiting = list(dict.fromkeys(sources))
         buffer = self.layout.buffer_index(seq) if waiting else 0
+        probes: dict[int, tuple[_Peer, int]] = {}
+        next_probe = time.monotonic() + _PROBE_AFTER_S
         delay = _POLL_MIN_S
-        while True:
-            self._advance_pending()
-            for handle in handles:
-                if handle.state == SendHandle.FAILED:
-                    result.failed.setdefault(handle.suspect, handle.reason)
-            for source in list(waiting):
-                if self._signals[source, buffer] == seq:
-                    waiting.remove(source)
-                    start = self.layout.slot_offset(source, seq)
-                    try:
-                        result.payloads[source] = unpack_payload(
-                            self._recv[start:start + self.layout.slot_bytes], self.layout, seq, copy)
-                    except PayloadError as e:
-                        result.failed.setdefault(source, f"corrupt payload: {e}")
-            unsent = [h for h in handles if not h.done]
-            if not waiting and not unsent:
-                return result
-            expired = time.monotonic() >= deadline
-            if expired or (fail_fast and result.failed):
-                for handle in unsent:
-                    why = (f"{handle.state} write for seq {handle.seq} not completed before the deadline"
-                           if expired else f"abandoned at seq {handle.seq}: the exchange failed")
-                    self._abandon(handle, why, suspect_peer=expired)
+        try:
+            while True:
+                self._advance_pending()
+                for handle in handles:
+                    if handle.state == SendHandle.FAILED:
+                        result.failed.setdefault(handle.suspect, handle.reason)
+                for source in list(waiting):
+                    if self._signals[source, buffer] == seq:
+                        waiting.remove(source)
+                        start = self.layout.slot_offset(source, seq)
+                        try:
+                            result.payloads[source] = unpack_payload(
+                                self._recv[start:start + self.layout.slot_bytes], self.layout, seq, copy)
+                        except PayloadError as e:
+                            result.failed.setdefault(source, f"corrupt payload: {e}")
+                now = time.monotonic()
+                if waiting and (probes or now >= next_probe):
+                    self._probe_silent(waiting, probes, result, submit=now >= next_probe)
+                    next_probe = now + _PROBE_EVERY_S if now >= next_probe else next_probe
+                unsent = [h for h in handles if not h.done]
+                if not waiting and not unsent:
+                    return result
+                expired = now >= deadline
+                if expired or (fail_fast and result.failed):
+                    for handle in unsent:
+                        why = (f"{handle.state} write for seq {handle.seq} not completed before the deadline"
+                               if expired else f"abandoned at seq {handle.seq}: the exchange failed")
+                        self._abandon(handle, why, suspect_peer=expired)
+                        if expired:
+                            result.failed.setdefault(handle.dest, why)
                     if expired:
-                        result.failed.setdefault(handle.dest, why)
-                if expired:
-                    for source in waiting:
-                        if source not in result.failed:
-                            result.failed[source] = f"no signal for seq {seq} before the deadline"
-                            result.silent.add(source)
-                return result
-            delay = self._nap(delay)
+                        for source in waiting:
+                            if source not in result.failed:
+                                result.failed[source] = f"no signal for seq {seq} before the deadline"
+                                result.silent.add(source)
+                    return result
+                delay = self._nap(delay)
+        finally:
+            for peer, batch_id in probes.values():
+                peer.orphans.append(_Orphan(batch_id, "probe", None))
+
+    def _probe_silent(self, waiting: list[int], probes: dict, result: ExchangeResult, submit: bool):
+        """Liveness probes of silent sources: an 8-byte write to their probe word, one in flight per
+        source. A dead rank's write fails within milliseconds, so a rank killed after it received our
+        data but before it signalled is named long before the deadline; a live one (even a slow one:
+        Mooncake's own threads apply the write) completes it. A failed probe is direct evidence."""
+        for source, (peer, batch_id) in list(probes.items()):
+            status = self._te.transfer_check_status(batch_id)
+            if status == _PENDING:
+                continue
+            del probes[source]
+            if status != _COMPLETED:
+                if status == _TIMED_OUT:
+                    peer.orphans.append(_Orphan(batch_id, "probe", None))
+                peer.fail(f"probe write to {peer.address.segment} failed while waiting for its signal "
+                          f"(status {status}: peer down)")
+                if source in waiting:
+                    waiting.remove(source)
+                    result.failed.setdefault(source, peer.reason)
+        if not submit or self._engine_blocker() is not None:
+            return
+        for source in list(waiting):
+            peer = self._peers.get(source)
+            if source in probes or peer is None or peer.state != "open" or peer.orphans or source in result.failed:
+                continue
+            remote = peer.address.recv_base + self.layout.probe_offset(self.rank)
+            batch_id = self._submit(peer, int(self._scratch.ctypes.data), remote, 8)
+            if batch_id == 0:
+                peer.fail(f"cannot submit a probe write to {peer.address.segment} (peer down?)")
+                waiting.remove(source)
+                result.failed.setdefault(source, peer.reason)
+            else:
+                probes[source] = (peer, batch_id)
 
     def _deadline(self, deadline: float | None) -> float:
         if deadline is None:
