@@ -134,7 +134,7 @@ class Engine:
         self._pending_record: tuple[RecoveryRecord, float, float] | None = None
         self._last_good = time.perf_counter()
         self._batch_shapes: list = []
-        self.step_times: list[float] = []
+        self.step_log: list[tuple[float, int]] = []    # (time.perf_counter() at the end, tokens made)
 
     # -- construction -----------------------------------------------------------------------------
     @classmethod
@@ -435,9 +435,9 @@ class Engine:
                 r.text = self.tokenizer.decode(r.token_ids)
         return results
 
-    def _good_step(self):
+    def _good_step(self, tokens: int):
         now = time.perf_counter()
-        self.step_times.append(now - self._last_good)
+        self.step_log.append((now, tokens))
         if self._pending_record is not None:
             rec, restored_at, failed_at = self._pending_record
             rec.compile_s += self._runner_compile_s
@@ -484,7 +484,7 @@ class Engine:
             self._start_fallbacks(self._batch_shapes)
         while True:
             toks = np.asarray(nxt)
-            self._good_step()
+            self._good_step(int((~done).sum()))
             self._loads.append(np.asarray(counts))
             for i, r in enumerate(reqs):
                 if not r.done:
