@@ -308,9 +308,8 @@ class Engine:
         self._fallbacks.clear()
         rec.restore_s = time.perf_counter() - t1
         if compiled is None and self._batch_shapes:
-            t2 = time.perf_counter()
-            runner.precompile([self._resume_shape(n, len(keep_ranks)) for n in self._batch_shapes], parallel=True)
-            rec.compile_s = time.perf_counter() - t2
+            rec.compile_s = runner.ensure_compiled([self._resume_shape(n, len(keep_ranks))
+                                                    for n in self._batch_shapes])
         self._controller.records.append(rec)
         self._pending_record = (rec, time.perf_counter(), failure.detected_at)
 
@@ -409,7 +408,7 @@ class Engine:
             raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
         reqs = [_Request(i, self._encode(p)) for i, p in enumerate(prompts)]
         stops = set(self.cfg.eos_token_id if stop_token_ids is None else stop_token_ids)
-        sampling = (jax.random.key(seed), jnp.float32(temperature), jnp.float32(top_p))
+        sampling = (int(seed), float(temperature), float(top_p))
         bar = None
         if progress:
             from tqdm import tqdm
@@ -446,17 +445,9 @@ class Engine:
             self._pending_record = None
         self._last_good = now
 
-    def _timed(self, get_fn):
-        """Returns the compiled step, recording the time its compilation took (0 when cached)."""
-        t = time.perf_counter()
-        fn = get_fn()
-        self._runner_compile_s += time.perf_counter() - t
-        return fn
-
     def _run_batch(self, reqs, cache_len, max_new, sampling, stops, bar):
         """Prefill (prompt + tokens so far) then decode `reqs` until each is done."""
-        key, temp, top_p = sampling
-        run = self._runner
+        rt = self._runner
         self._runner_compile_s = 0.0
         b, bp = len(reqs), self._batch_pad(len(reqs))
         resumed = any(r.out for r in reqs)
@@ -470,41 +461,40 @@ class Engine:
         def sample_ids():
             ids = np.zeros(bp, np.int32)
             ids[:b] = [(r.id * 1_000_003 + len(r.out)) % (2 ** 31) for r in reqs]
-            return run.put_batch(ids)
+            return ids
 
+        self._batch_shapes = [("prefill", bp, seq, cache_len), ("decode", bp, cache_len)]
+        self._runner_compile_s = rt.ensure_compiled(self._batch_shapes)
         self._due_failures(self._step)
-        prefill = self._timed(lambda: run.prefill_fn(bp, seq, cache_len))
-        nxt, cache, counts = prefill(run.params, run.put_batch(tokens), run.put_batch(lens), sample_ids(),
-                                     run.log2phy, run.active, key, temp, top_p)
+        nxt, counts = self._guarded(rt.prefill, tokens, lens, sample_ids(), cache_len, sampling)
         done = np.zeros(bp, bool)
         done[b:] = True
         positions = lens.copy()
-        self._batch_shapes = [("prefill", bp, seq, cache_len), ("decode", bp, cache_len)]
         if self._precompile:
             self._start_fallbacks(self._batch_shapes)
         while True:
-            toks = np.asarray(nxt)
             self._good_step(int((~done).sum()))
-            self._loads.append(np.asarray(counts))
+            self._loads.append(counts)
             for i, r in enumerate(reqs):
                 if not r.done:
-                    r.out.append(int(toks[i]))
+                    r.out.append(int(nxt[i]))
                     if bar is not None:
                         bar.update(1)
-                    if toks[i] in stops or len(r.out) >= max_new:
+                    if nxt[i] in stops or len(r.out) >= max_new:
                         r.done = done[i] = True
             if done.all():
                 return
             self._step += 1
             self._due_failures(self._step)
-            decode = self._timed(lambda: run.decode_fn(bp, cache_len))
-            try:
-                nxt, cache, counts = decode(run.params, cache, run.put_batch(toks), run.put_batch(positions),
-                                            run.put_batch(~done), sample_ids(), run.log2phy, run.active,
-                                            key, temp, top_p)
-            except jax.errors.JaxRuntimeError as e:
-                ranks = self._ranks_named(e, self._mesh_ranks)
-                if not ranks:
-                    raise
-                raise RankFailure(ranks, f"XLA runtime error: {e}") from e
+            nxt, counts = self._guarded(rt.decode, nxt.astype(np.int32), positions, ~done, sample_ids(), sampling)
             positions = positions + 1
+
+    def _guarded(self, fn, *args):
+        """Runs a step; an XLA runtime error that names a device becomes a RankFailure."""
+        try:
+            return fn(*args)
+        except jax.errors.JaxRuntimeError as e:
+            ranks = self._ranks_named(e, self._mesh_ranks)
+            if not ranks:
+                raise
+            raise RankFailure(ranks, f"XLA runtime error: {e}") from e

@@ -61,6 +61,8 @@ def test_fail_one_then_two_more(reference_tokens):
 def test_precompiled_fallback_is_used(reference_tokens):
     with jem.Engine.from_config("tiny", num_ranks=4, redundant_experts=4, seed=0,
                                 precompile_fallbacks=True) as eng:
+        eng.generate(PROMPTS, max_new_tokens=12, stop_token_ids=[])    # starts the background compiles
+        assert eng.wait_fallbacks() == 4                                 # one mesh per rank that may fail
         eng.fail_rank(2, at_step=6)
         out = eng.generate(PROMPTS, max_new_tokens=12, stop_token_ids=[])
         assert [r.token_ids for r in out] == reference_tokens

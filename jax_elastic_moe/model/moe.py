@@ -4,6 +4,7 @@ slots and its own share of the tokens."""
 from __future__ import annotations
 
 import dataclasses
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -27,7 +28,19 @@ class EPContext:
     valid: jax.Array
     num_ranks: int
     slots_per_rank: int
-    axis_name: str | None   # None: a single rank, no exchange
+    axis_name: str | None   # the mesh axis of the ranks (spmd); None: no collective
+    # exchange(arrays, moe_layer, phase) -> arrays received: the host transport of the multi-process
+    # runtime (phase 0 sends [N, T, ...] rows to their ranks, phase 1 returns them); None: all_to_all
+    exchange: Callable | None = None
+
+
+def _exchange(ctx: EPContext, arrays: list, moe_layer: int, phase: int) -> list:
+    """Sends arrays[i][d] to rank d and returns what every rank sent here, stacked by source."""
+    if ctx.exchange is not None:
+        return ctx.exchange(arrays, moe_layer, phase)
+    if ctx.axis_name is not None and ctx.num_ranks > 1:
+        return [jax.lax.all_to_all(a, ctx.axis_name, 0, 0, tiled=True) for a in arrays]
+    return arrays
 
 
 def route(cfg: ModelConfig, x, router_w, bias):
@@ -58,23 +71,20 @@ def route(cfg: ModelConfig, x, router_w, bias):
     return ids.astype(jnp.int32), w * cfg.routed_scaling_factor
 
 
-def routed_experts(x, ids, weights, w_gate, w_up, w_down, log2phy, ctx: EPContext):
+def routed_experts(x, ids, weights, w_gate, w_up, w_down, log2phy, ctx: EPContext, moe_layer: int = 0):
     """x [T, H]; ids/weights [T, K]; local expert weights [S, H, I] / [S, I, H]; log2phy [E, R].
     Returns [T, H]: sum over top-k of weight * expert(x), the experts run wherever their slots are."""
     n, spr = ctx.num_ranks, ctx.slots_per_rank
     t = x.shape[0]
     slots = ep.choose_slots(ids, ctx.token_index, log2phy, ctx.active, spr)
     send_x, send_slot, send_w, _, src_token = ep.dispatch(x, slots, weights.astype(x.dtype), n, spr)
-    if ctx.axis_name is not None and n > 1:
-        a2a = lambda a: jax.lax.all_to_all(a, ctx.axis_name, 0, 0, tiled=True)
-        send_x, send_slot, send_w = a2a(send_x), a2a(send_slot), a2a(send_w)
+    send_x, send_slot, send_w = _exchange(ctx, [send_x, send_slot, send_w], moe_layer, 0)
     k = send_slot.shape[-1]
     grouped, sizes, entry_row, entry_w = ep.regroup(send_x.reshape(n * t, -1), send_slot.reshape(n * t, k),
                                                     send_w.reshape(n * t, k), spr)
     y = ep.expert_mlp(grouped, sizes, w_gate, w_up, w_down)
     rows = ep.ungroup(y, entry_row, entry_w, n * t).reshape(n, t, -1)
-    if ctx.axis_name is not None and n > 1:
-        rows = jax.lax.all_to_all(rows, ctx.axis_name, 0, 0, tiled=True)
+    (rows,) = _exchange(ctx, [rows], moe_layer, 1)
     return ep.combine(rows, src_token, ctx.active, t)
 
 
@@ -95,7 +105,7 @@ class MoEBlock(nnx.Module):
         self.shared = MLP(h, cfg.shared_intermediate_size, cfg, dtype, rngs) if cfg.shared_intermediate_size else None
         self.shared_gate = Linear(h, 1, bias=False, cfg=cfg, dtype=dtype, rngs=rngs) if cfg.shared_expert_gate else None
 
-    def __call__(self, x, log2phy, ctx: EPContext):
+    def __call__(self, x, log2phy, ctx: EPContext, moe_layer: int = 0):
         """x [B, S, H] -> ([B, S, H], expert token counts [E] int32 over valid tokens, all ranks)."""
         b, s, h = x.shape
         flat = x.reshape(b * s, h)
@@ -105,7 +115,8 @@ class MoEBlock(nnx.Module):
             jnp.broadcast_to(ctx.valid[:, None], ids.shape).astype(jnp.int32))
         if ctx.axis_name is not None and ctx.num_ranks > 1:
             counts = jax.lax.psum(counts, ctx.axis_name)
-        out = routed_experts(flat, ids, w, self.w_gate[...], self.w_up[...], self.w_down[...], log2phy, ctx)
+        out = routed_experts(flat, ids, w, self.w_gate[...], self.w_up[...], self.w_down[...], log2phy, ctx,
+                             moe_layer)
         if self.shared is not None:
             sh = self.shared(flat)
             if self.shared_gate is not None:

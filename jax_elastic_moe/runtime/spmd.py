@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import threading
+import time
 
 import jax
 import jax.numpy as jnp
@@ -274,6 +275,39 @@ class SpmdRunner:
             for name in names:
                 one(name)
         return dict(self._compiled)
+
+    # -- the runtime interface the engine drives (shared with the multi-process runtime) ----------
+    @property
+    def num_live(self) -> int:
+        return self.num_ranks
+
+    def _sampling(self, sampling):
+        seed, temperature, top_p = sampling
+        return jax.random.key(seed), jnp.float32(temperature), jnp.float32(top_p)
+
+    def prefill(self, tokens, lengths, sample_ids, cache_len: int, sampling):
+        """tokens [B, S], lengths / sample_ids [B] numpy -> (next tokens [B], counts [Lm, E]); keeps
+        the KV cache for decode."""
+        fn = self.prefill_fn(tokens.shape[0], tokens.shape[1], cache_len)
+        nxt, self._cache, counts = fn(self.params, self.put_batch(tokens), self.put_batch(lengths),
+                                      self.put_batch(sample_ids), self.log2phy, self.active,
+                                      *self._sampling(sampling))
+        self._cache_len = cache_len
+        return np.asarray(nxt), np.asarray(counts)
+
+    def decode(self, tokens, positions, valid, sample_ids, sampling):
+        """One decode step of every row: tokens / positions / valid / sample_ids [B] numpy."""
+        fn = self.decode_fn(tokens.shape[0], self._cache_len)
+        nxt, self._cache, counts = fn(self.params, self._cache, self.put_batch(tokens), self.put_batch(positions),
+                                      self.put_batch(valid), self.put_batch(sample_ids), self.log2phy,
+                                      self.active, *self._sampling(sampling))
+        return np.asarray(nxt), np.asarray(counts)
+
+    def ensure_compiled(self, shapes: list) -> float:
+        """Compiles these steps now (two at a time); returns the seconds it took."""
+        t = time.perf_counter()
+        self.precompile(shapes, parallel=True)
+        return time.perf_counter() - t
 
     # -- placement ------------------------------------------------------------------------------
     def set_placement(self, new: Placement):

@@ -1,0 +1,24 @@
+"""The control messages between the engine's controller and its workers (mooncake mode)."""
+from __future__ import annotations
+
+from .control import MESSAGE_FIELDS, register_message
+
+# controller -> worker (each carries an "id" its reply repeats)
+COMMANDS = {
+    "init": ("id", "config", "dtype", "seed", "num_ranks", "slots_per_rank", "max_rows", "phy2log", "log2phy",
+             "active", "exchange_timeout", "heartbeat_endpoint", "heartbeat_interval", "incarnation"),
+    "compile": ("id", "shapes"),
+    "step": ("id", "kind", "step", "tokens", "cache_len", "sample_ids", "seed", "temperature", "top_p"),
+    "epoch": ("id", "peers", "active", "log2phy"),
+    "load": ("id", "loads"),
+    "commit": ("id",),
+    "fault": ("id", "how"),
+}
+# worker -> controller
+NOTES = {"hello": ("rank", "pid"), "reply": ("rank", "id", "ok")}
+
+
+def register_messages():
+    for name, fields in {**COMMANDS, **NOTES}.items():
+        if name not in MESSAGE_FIELDS:
+            register_message(name, fields)

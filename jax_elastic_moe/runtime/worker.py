@@ -1,0 +1,366 @@
+"""A worker of the multi-process ("mooncake") runtime: one rank, one JAX device, its own process.
+
+It holds the dense weights and its `slots_per_rank` expert slots of every MoE layer (in a Mooncake-
+registered weights region that peers can read), runs attention for its share of the batch and takes
+part in every MoE layer of every step: the token exchange runs on the host, inside the jitted step
+(io_callback), through Mooncake with deadlines. Commands come from the controller over pyzmq.
+
+  python -m jax_elastic_moe.runtime.worker --controller tcp://HOST:PORT --rank R
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import os
+import signal
+import sys
+import time
+
+EXPERT_PARAMS = ("w_gate", "w_up", "w_down")
+
+
+def _die_with_parent():
+    """Linux: this process gets SIGKILL when the process that started it dies (a local controller)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+class Worker:
+    def __init__(self, endpoint: str, rank: int, host: str = "127.0.0.1"):
+        from .control import ControlClient
+        from .protocol import register_messages
+        register_messages()
+        self.rank, self.host = rank, host
+        self.client = ControlClient(endpoint, f"rank-{rank}")
+        self.transport = None
+        self.heartbeat = None
+        self.failure = None
+
+    # -- setup ----------------------------------------------------------------------------------
+    def init(self, msg: dict):
+        import jax
+        import jax.numpy as jnp
+        import numpy as np
+
+        from ..config import from_hf_dict
+        from ..engine import DTYPES
+        from ..model.loader import load_checkpoint, random_params
+        from .detector import HeartbeatSender
+        from .transport import Transport
+        self.np, self.jnp, self.jax = np, jnp, jax
+        self.cfg = from_hf_dict(msg["config"])
+        self.dtype = DTYPES[msg["dtype"]]
+        self.num_ranks, self.spr = int(msg["num_ranks"]), int(msg["slots_per_rank"])
+        self.max_rows = int(msg["max_rows"])
+        if msg.get("checkpoint"):
+            _, params = load_checkpoint(msg["checkpoint"], self.dtype)
+        else:
+            params = random_params(self.cfg, self.dtype, int(msg["seed"]))
+        self.moe_layer_ids = [i for i, m in enumerate(self.cfg.moe_layers) if m]
+        h, inter = self.cfg.hidden_size, self.cfg.moe_intermediate_size
+        itemsize = np.dtype(params[("embed",)].dtype).itemsize
+        self.slot_bytes = h * inter * itemsize
+        k = self.cfg.num_experts_per_tok
+        weights_bytes = max(1, len(self.moe_layer_ids) * 3 * self.spr * self.slot_bytes)
+        self.transport = Transport(self.rank, self.num_ranks, self.max_rows, h * itemsize,
+                                   self.max_rows * k * 8 + 256, host=self.host, weights_bytes=weights_bytes,
+                                   exchange_timeout=float(msg["exchange_timeout"]))
+        self.staging = self.transport.register_array(np.zeros(weights_bytes, np.uint8))
+        wdtype = params[("embed",)].dtype
+        self.slots = self.transport.weights[:weights_bytes].view(wdtype).reshape(
+            len(self.moe_layer_ids), 3, self.spr, -1)
+        phy2log = np.asarray(msg["phy2log"], np.int32)
+        mine = phy2log[:, self.rank * self.spr:(self.rank + 1) * self.spr]
+        for m, layer in enumerate(self.moe_layer_ids):
+            for p, name in enumerate(EXPERT_PARAMS):
+                logical = params[("layers", layer, "mlp", name)]
+                for j, e in enumerate(mine[m]):
+                    self.slots[m, p, j] = logical[e].reshape(-1) if e >= 0 else 0
+        self.expert_shapes = {name: tuple(params[("layers", self.moe_layer_ids[0], "mlp", name)].shape[1:])
+                              for name in EXPERT_PARAMS} if self.moe_layer_ids else {}
+        from .spmd import key_of
+        self.key_of = key_of
+        self.dense = {key_of(p): jax.device_put(a) for p, a in params.items() if p[-1] not in EXPERT_PARAMS}
+        del params
+        self._upload_experts()
+        self.log2phy = jnp.asarray(np.asarray(msg["log2phy"], np.int32))
+        self.active = np.asarray(msg["active"], np.int32)
+        self.active_dev = jnp.asarray(self.active)
+        self.compiled, self.cache = {}, None
+        self.heartbeat = HeartbeatSender(msg["heartbeat_endpoint"], self.rank, incarnation=int(msg["incarnation"]),
+                                         interval=float(msg["heartbeat_interval"]))
+        self.heartbeat.start()
+        self.fault = None
+        return {"address": self.transport.address.to_dict(), "pid": os.getpid()}
+
+    def _upload_experts(self):
+        jnp = self.jnp
+        self.experts = {}
+        for m, layer in enumerate(self.moe_layer_ids):
+            for p, name in enumerate(EXPERT_PARAMS):
+                self.experts[self.key_of(("layers", layer, "mlp", name))] = jnp.asarray(
+                    self.slots[m, p].reshape((self.spr,) + self.expert_shapes[name]))
+
+    # -- the step -------------------------------------------------------------------------------
+    def _host_exchange(self, moe_layer: int, phase: int, step, *arrays):
+        """Phase 0: arrays = send rows [N, T, H], local slots [N, T, K], weights [N, T, K]; sends
+        row block d to rank d, returns the blocks received from every source. Phase 1: rows [N, T, H]
+        go back to the ranks they came from. Raises (abandoning the step) when a peer fails."""
+        np = self.np
+        n, t = arrays[0].shape[:2]
+        seq = int(step) * (2 * len(self.moe_layer_ids)) + 2 * moe_layer + phase + 1
+        peers = [r for r in range(n) if self.active[r] and r != self.rank]
+        if phase == 0:
+            counts = (arrays[1] >= 0).any(-1).sum(-1)
+            self._sent = counts
+            outgoing = {d: [a[d, :counts[d]] for a in arrays] for d in peers}
+        else:
+            outgoing = {d: [arrays[0][d, :self._received[d]]] for d in peers}
+        result = self.transport.exchange(outgoing, seq, sources=peers, copy=True)
+        if not result.ok:
+            self.failure = result
+            raise RuntimeError(f"exchange {seq} failed: {result.failed}")
+        out = [np.zeros_like(a) for a in arrays]
+        if phase == 0:
+            out[1][:] = -1
+            self._received = np.zeros(n, np.int64)
+            self._received[self.rank] = self._sent[self.rank]
+        for i, a in enumerate(arrays):
+            out[i][self.rank] = a[self.rank]
+        for src in peers:
+            got = result.payloads[src]
+            c = got[0].shape[0]
+            if phase == 0:
+                self._received[src] = c
+            for i, g in enumerate(got):
+                out[i][src, :c] = g
+        return tuple(out)
+
+    def _exchange_fn(self, step):
+        jax = self.jax
+        from functools import partial
+
+        def exchange(arrays, moe_layer, phase):
+            shapes = tuple(jax.ShapeDtypeStruct(a.shape, a.dtype) for a in arrays)
+            return list(jax.experimental.io_callback(partial(self._host_exchange, moe_layer, phase), shapes,
+                                                     step, *arrays, ordered=True))
+        return exchange
+
+    def _model_fn(self, kind: str, batch: int, seq: int, cache_len: int):
+        """The compiled step for these shapes (compiled on first use; the controller asks for it
+        ahead of the steps, see compile)."""
+        key = (kind, batch, seq, cache_len)
+        if key in self.compiled:
+            return self.compiled[key]
+        jax, jnp = self.jax, self.jnp
+        from flax import nnx
+
+        import jax.experimental  # noqa: F401  (io_callback)
+        from ..model.decoder import MoEModel
+        from ..model.moe import EPContext
+        from .sampling import sample
+        abstract = nnx.eval_shape(lambda: MoEModel(self.cfg, self.spr, self.dtype))
+        graphdef, state = nnx.split(abstract, nnx.Param)
+        variables = list(nnx.to_flat_state(state))
+        rank = self.rank
+
+        def run(dense, experts, tokens, positions, valid, cache, log2phy, active, step, sample_ids, rng,
+                temperature, top_p, lengths):
+            params = {**dense, **experts}
+            model = nnx.merge(graphdef, nnx.from_flat_state(
+                [(p, v.replace(params[self.key_of(p)])) for p, v in variables]))
+            b, s = tokens.shape
+            seqs = rank * b + jnp.arange(b, dtype=jnp.int32)
+            ctx = EPContext(log2phy=log2phy, active=active,
+                            token_index=(seqs[:, None] * 7919 + positions).reshape(-1).astype(jnp.int32),
+                            valid=valid.reshape(-1), num_ranks=self.num_ranks, slots_per_rank=self.spr,
+                            axis_name=None, exchange=self._exchange_fn(step))
+            if cache is None:
+                cache = model.empty_cache(b, cache_len)
+            hidden, cache, counts = model(tokens, positions, cache, ctx)
+            last = jnp.take_along_axis(hidden, jnp.maximum(lengths - 1, 0)[:, None, None], axis=1)[:, 0]
+            return sample(model.logits(last), rng, sample_ids, temperature, top_p), cache, counts
+
+        cache = None if kind == "prefill" else jax.eval_shape(lambda: self._empty_cache(batch, cache_len))
+        self.compiled[key] = jax.jit(run).lower(*self._abstract_args(kind, batch, seq, cache)).compile()
+        return self.compiled[key]
+
+    def compile(self, msg: dict):
+        """Compiles the programs a batch will use, so no rank compiles inside a step with deadlines."""
+        t = time.perf_counter()
+        for kind, batch, seq, cache_len in msg["shapes"]:
+            self._model_fn(kind, int(batch), int(seq), int(cache_len))
+        return {"compile_s": time.perf_counter() - t}
+
+    def _empty_cache(self, batch, cache_len):
+        from flax import nnx
+
+        from ..model.decoder import MoEModel
+        model = nnx.eval_shape(lambda: MoEModel(self.cfg, self.spr, self.dtype))
+        return model.empty_cache(batch, cache_len)
+
+    def _abstract_args(self, kind, batch, seq, cache):
+        jax, jnp = self.jax, self.jnp
+        sds = jax.ShapeDtypeStruct
+        vec = sds((batch,), jnp.int32)
+        key = jax.eval_shape(lambda: jax.random.key(0))
+        return (jax.tree.map(lambda a: sds(a.shape, a.dtype), self.dense),
+                jax.tree.map(lambda a: sds(a.shape, a.dtype), self.experts),
+                sds((batch, seq), jnp.int32), sds((batch, seq), jnp.int32), sds((batch, seq), jnp.bool_),
+                cache, sds(self.log2phy.shape, jnp.int32), sds(self.active_dev.shape, jnp.int32),
+                sds((), jnp.int32), vec, key, sds((), jnp.float32), sds((), jnp.float32), vec)
+
+    def step(self, msg: dict):
+        """Runs one prefill or decode step of this rank's rows; returns its next tokens and counts."""
+        jax, jnp, np = self.jax, self.jnp, self.np
+        if self.fault == "hang":
+            os.kill(os.getpid(), signal.SIGSTOP)
+        kind, cache_len = msg["kind"], int(msg["cache_len"])
+        tokens = np.asarray(msg["tokens"], np.int32)
+        b = tokens.shape[0]
+        if kind == "prefill":
+            seq = tokens.shape[1]
+            positions = np.broadcast_to(np.arange(seq, dtype=np.int32), (b, seq))
+            lengths = np.asarray(msg["lengths"], np.int32)
+            valid = positions < lengths[:, None]
+            cache = None
+        else:
+            seq = 1
+            positions = np.asarray(msg["positions"], np.int32)[:, None]
+            valid = np.asarray(msg["valid"], bool)[:, None]
+            lengths = np.ones(b, np.int32)
+            cache = self.cache
+        fn = self._model_fn(kind, b, seq, cache_len)
+        self.failure = None
+        try:
+            nxt, cache, counts = fn(self.dense, self.experts, jnp.asarray(tokens), jnp.asarray(positions),
+                                    jnp.asarray(valid), cache, self.log2phy, self.active_dev,
+                                    jnp.int32(msg["step"]), jnp.asarray(np.asarray(msg["sample_ids"], np.int32)),
+                                    jax.random.key(int(msg["seed"])), jnp.float32(msg["temperature"]),
+                                    jnp.float32(msg["top_p"]), jnp.asarray(lengths))
+            nxt = np.asarray(nxt)
+        except Exception as e:  # the exchange raised inside the step: report the suspects
+            if self.failure is None:
+                raise
+            res = self.failure
+            return {"ok": False, "direct": sorted(int(r) for r in res.direct),
+                    "silent": sorted(int(r) for r in res.silent), "reason": str(e)[:300]}
+        self.cache = cache
+        return {"ok": True, "tokens": nxt.tolist(), "counts": np.asarray(counts).reshape(-1).tolist()}
+
+    # -- epochs and weights -----------------------------------------------------------------------
+    def epoch(self, msg: dict):
+        """Installs a new epoch: peers, active mask, log2phy, and the expert slots to load."""
+        np, jnp = self.np, self.jnp
+        from .peers import PeerAddress
+        peers = {int(r): PeerAddress.from_dict(a) for r, a in msg["peers"].items()}
+        self.transport.set_peers(peers)
+        self.active = np.asarray(msg["active"], np.int32)
+        self.active_dev = jnp.asarray(self.active)
+        self.log2phy = jnp.asarray(np.asarray(msg["log2phy"], np.int32))
+        self.cache = None
+        return {}
+
+    def load(self, msg: dict):
+        """Phase 1 of a weight move: fetch every slot to load into staging (peer slots by Mooncake
+        read, backup blobs from the message). Nothing in the weights region changes yet."""
+        np = self.np
+        self._plan = []
+        per = 3 * self.slot_bytes
+        for i, (m, j, src) in enumerate(msg["loads"]):
+            dst = self.staging[i * per:(i + 1) * per]
+            if src["kind"] == "peer":
+                off = ((int(m) * 3) * self.spr + int(src["slot"])) * self.slot_bytes
+                for p in range(3):
+                    self.transport.read(int(src["rank"]), off + p * self.spr * self.slot_bytes, self.slot_bytes,
+                                        dst[p * self.slot_bytes:(p + 1) * self.slot_bytes], timeout=5.0)
+            elif src["kind"] == "local":
+                for p in range(3):
+                    dst[p * self.slot_bytes:(p + 1) * self.slot_bytes] = self.slots[int(m), p, int(src["slot"])].view(np.uint8)
+            else:   # host backup, sent by the controller
+                dst[:] = np.frombuffer(src["data"], np.uint8)
+            self._plan.append((int(m), int(j), i))
+        return {"loaded": len(self._plan)}
+
+    def commit(self, msg: dict):
+        """Phase 2: staging -> weights region (after every rank finished its reads), then upload."""
+        np = self.np
+        per = 3 * self.slot_bytes
+        for m, j, i in self._plan:
+            block = self.staging[i * per:(i + 1) * per]
+            for p in range(3):
+                self.slots[m, p, j] = block[p * self.slot_bytes:(p + 1) * self.slot_bytes].view(self.slots.dtype)
+        for m, j in msg.get("clear", []):
+            self.slots[int(m), :, int(j)] = 0
+        self._plan = []
+        self._upload_experts()
+        return {}
+
+    def set_fault(self, msg: dict):
+        how = msg["how"]
+        if how == "slow":
+            self.transport.set_fault(delay_s=float(msg.get("delay_s", 0.2)))
+        elif how == "drop":
+            self.transport.set_fault(drop=True)
+        elif how == "hang":
+            self.fault = "hang"
+        return {}
+
+    # -- loop -------------------------------------------------------------------------------------
+    def run(self, idle_timeout: float):
+        from .control import ControlTimeout, message
+        self.client.notify(message("hello", rank=self.rank, pid=os.getpid()))
+        handlers = {"init": self.init, "compile": self.compile, "step": self.step, "epoch": self.epoch,
+                    "load": self.load, "commit": self.commit, "fault": self.set_fault}
+        last = time.monotonic()
+        while True:
+            try:
+                msg = self.client.recv(timeout=1.0)
+            except ControlTimeout:
+                if time.monotonic() - last > idle_timeout:
+                    return 3        # the controller is gone: exit rather than linger
+                continue
+            last = time.monotonic()
+            if msg["type"] == "shutdown":
+                return 0
+            try:
+                out = handlers[msg["type"]](msg)
+                reply = message("reply", rank=self.rank, id=msg.get("id", 0), ok=True, **out)
+            except Exception as e:  # report, keep serving: the controller decides
+                reply = message("reply", rank=self.rank, id=msg.get("id", 0), ok=False,
+                                reason=f"{type(e).__name__}: {e}"[:500])
+            self.client.notify(reply)
+
+    def close(self):
+        if self.heartbeat is not None:
+            self.heartbeat.stop()
+        if self.transport is not None:
+            self.transport.close()
+        self.client.close()
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="jem worker", description="one rank of the multi-process runtime")
+    ap.add_argument("--controller", required=True, help="the controller's endpoint, tcp://HOST:PORT")
+    ap.add_argument("--rank", type=int, required=True)
+    ap.add_argument("--host", default="127.0.0.1", help="address Mooncake listens on")
+    ap.add_argument("--idle-timeout", type=float, default=120.0,
+                    help="exit after this many seconds without a word from the controller")
+    ap.add_argument("--die-with-parent", action="store_true")
+    args = ap.parse_args(argv)
+    if args.die_with_parent:
+        _die_with_parent()
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    os.environ.setdefault("MC_LOG_LEVEL", "ERROR")
+    w = Worker(args.controller, args.rank, args.host)
+    try:
+        return w.run(args.idle_timeout)
+    finally:
+        w.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
