@@ -187,6 +187,15 @@ def from_hf_dict(d: dict) -> ModelConfig:
 
 def load_config_file(path: str | os.PathLike) -> ModelConfig:
     """Reads config.json or a preset .yaml / .yml file."""
+    d = read_config_dict(path)
+    try:
+        return from_hf_dict(d)
+    except ConfigError as e:
+        raise ConfigError(f"{os.fspath(path)}: {e}") from None
+
+
+def read_config_dict(path: str | os.PathLike) -> dict:
+    """The raw mapping of config.json or a preset YAML."""
     path = os.fspath(path)
     if not os.path.exists(path):
         raise ConfigError(f"config file not found: {path}")
@@ -199,10 +208,9 @@ def load_config_file(path: str | os.PathLike) -> ModelConfig:
                 d = json.load(f)
         except Exception as e:  # parse errors of either format
             raise ConfigError(f"cannot parse {path}: {e}") from e
-    try:
-        return from_hf_dict(d)
-    except ConfigError as e:
-        raise ConfigError(f"{path}: {e}") from None
+    if not isinstance(d, dict):
+        raise ConfigError(f"{path}: a model config must be a mapping, got {type(d).__name__}")
+    return d
 
 
 def yarn_mscale(scale: float, mscale: float = 1.0) -> float:

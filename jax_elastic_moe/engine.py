@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .config import ConfigError, ModelConfig, load_config_file
+from .config import ConfigError, ModelConfig, from_hf_dict, load_config_file, read_config_dict
 from .model.loader import load_checkpoint, random_params
 from .placement import Placement, PlacementError, rebalance, validate
 from .runtime.controller import Controller, EngineDead, RankFailure, RecoveryRecord, compact
@@ -92,11 +92,17 @@ class Engine:
                  dtype: str = "float32", tokenizer=None, placement_policy: str = "round_robin",
                  recovery_policy: str = "deepseek_global", max_batch_size: int = 64, load_window: int = 64,
                  backup: str | None = "host", precompile_fallbacks: bool = False,
-                 compilation_cache_dir: str | None = None):
+                 compilation_cache_dir: str | None = None, mode: str = "spmd", source: dict | None = None,
+                 exchange_timeout: float = 0.5, heartbeat_interval: float = 0.2, heartbeat_timeout: float = 3.0,
+                 spawn_workers: bool = True, controller_endpoint: str = "tcp://127.0.0.1:0"):
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
         if redundant_experts < 0:
             raise ValueError(f"redundant_experts must be >= 0, got {redundant_experts}")
+        if mode not in ("spmd", "mooncake"):
+            raise ValueError(f"mode must be 'spmd' or 'mooncake', got {mode!r}")
+        if mode == "mooncake" and source is None:
+            raise ValueError("mode='mooncake' needs the model's source: use Engine.from_config / from_pretrained")
         if backup not in ("host", None):
             raise ValueError(f"backup must be 'host' or None, got {backup!r}")
         num_slots = cfg.num_experts + redundant_experts
@@ -111,21 +117,29 @@ class Engine:
         self.slots_per_rank = num_slots // num_ranks
         self.max_replicas = redundant_experts + 1
         self.max_batch_size = max_batch_size
-        self.mode = "spmd"
+        self.mode = mode
         self._loads = collections.deque(maxlen=load_window)
         self._closed = False
         self._dead: EngineDead | None = None
         self._controller = Controller(num_ranks, self.slots_per_rank, self.max_replicas, recovery_policy)
         placement = self._fit(rebalance(np.ones((cfg.num_moe_layers, cfg.num_experts)), num_ranks,
                                         self.slots_per_rank, policy=placement_policy))
-        self._devices = local_devices(num_ranks)
-        self._mesh_ranks = list(range(num_ranks))       # global rank of each device of the mesh
+        self._mesh_ranks = list(range(num_ranks))       # global rank of each live rank's device
         self._active = np.ones(num_ranks, np.int32)
         self._placement = placement
-        self._runner = SpmdRunner.create(cfg, DTYPES[dtype], self._devices, placement, params)
         self._backup = ({p: a for p, a in params.items() if p[-1] in ("w_gate", "w_up", "w_down")}
                         if backup == "host" else None)
-        self._failures: list[tuple[int, int | None]] = []   # (rank, at_step) injected, not yet fired
+        if mode == "spmd":
+            self._devices = local_devices(num_ranks)
+            self._runner = SpmdRunner.create(cfg, DTYPES[dtype], self._devices, placement, params)
+        else:
+            from .runtime.mooncake import MooncakeRuntime
+            self._devices = []
+            self._runner = MooncakeRuntime(cfg, source, dtype, num_ranks, placement, self._backup,
+                                           exchange_timeout=exchange_timeout, heartbeat_interval=heartbeat_interval,
+                                           heartbeat_timeout=heartbeat_timeout, spawn=spawn_workers,
+                                           endpoint=controller_endpoint)
+        self._failures: list[tuple] = []      # (rank, how, at_step, delay_s) injected, not yet fired
         self._fail_lock = threading.Lock()
         self._precompile = precompile_fallbacks
         self._fallbacks: dict[frozenset, dict] = {}
@@ -144,6 +158,8 @@ class Engine:
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
         cfg, params = load_checkpoint(path, DTYPES[dtype])
+        kw.setdefault("source", {"config": read_config_dict(os.path.join(path, "config.json")),
+                                 "checkpoint": os.path.abspath(path)})
         tok = None
         if os.path.exists(os.path.join(path, "tokenizer.json")):
             from tokenizers import Tokenizer
@@ -157,13 +173,20 @@ class Engine:
         """Random weights for a preset (configs/<name>.yaml, or a path to a YAML / config.json)."""
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-        cfg = load_config_file(resolve_preset(preset))
+        raw = read_config_dict(resolve_preset(preset))
+        try:
+            cfg = from_hf_dict(raw)
+        except ConfigError as e:
+            raise ConfigError(f"{resolve_preset(preset)}: {e}") from None
+        kw.setdefault("source", {"config": raw, "seed": seed})
         return cls(cfg, random_params(cfg, DTYPES[dtype], seed), num_ranks=num_ranks,
                    redundant_experts=redundant_experts, dtype=dtype, **kw)
 
     def close(self):
         if self._fallback_thread is not None:
             self._fallback_thread.join()
+        if self.mode == "mooncake" and self._runner is not None:
+            self._runner.close()
         self._closed = True
         self._runner = None
 
@@ -217,7 +240,10 @@ class Engine:
         self._check_open()
         p = self._fit(validate(p, self.alive))
         self._check_live(p, self._active)
-        self._runner.set_placement(compact(p, self.alive))
+        if self.mode == "spmd":
+            self._runner.set_placement(compact(p, self.alive))
+        else:
+            self._runner.install(self._active, p)
         self._placement = p
 
     def set_active(self, active: Sequence[int]):
@@ -230,7 +256,11 @@ class Engine:
             raise ValueError(f"ranks {np.nonzero(active.astype(bool) & ~self.alive)[0].tolist()} are dead")
         self._check_live(self._placement, active)
         self._active = active
-        self._runner.set_active(active[self._mesh_ranks])
+        if self.mode == "spmd":
+            self._runner.set_active(active[self._mesh_ranks])
+        else:
+            self._runner.install(active, self._placement)
+            self._mesh_ranks = list(self._runner.live)
 
     def rebalance(self, policy: str | None = None) -> Placement:
         """Re-places experts from the measured loads (expert_loads) over the alive ranks, staying close
@@ -249,24 +279,35 @@ class Engine:
         return np.sum(self._loads, axis=0)
 
     # -- failures -----------------------------------------------------------------------------------
-    def fail_rank(self, rank: int, how: str = "kill", at_step: int | None = None):
-        """Injects the failure of `rank`: now (at the next step), or when generation step `at_step`
-        starts (step 0 = prefill, k = the k-th decode step of a generate call). May be called from
-        another thread while generate runs. spmd mode loses the rank's device (how="kill")."""
-        if how != "kill":
-            raise ValueError(f"mode={self.mode!r} injects how='kill' only (got {how!r}); "
+    def fail_rank(self, rank: int, how: str = "kill", at_step: int | None = None, delay_s: float = 1.0):
+        """Injects the failure of `rank`: now, or when generation step `at_step` starts (step 0 =
+        prefill, k = the k-th decode step of a generate call); may be called from another thread
+        while generate runs. how: "kill" (SIGKILL), "hang" (SIGSTOP), "slow" (its exchanges start
+        delay_s late), "drop" (its transfers fail). spmd mode loses the rank's device (kill only)."""
+        hows = ("kill",) if self.mode == "spmd" else ("kill", "hang", "slow", "drop")
+        if how not in hows:
+            raise ValueError(f"mode={self.mode!r} injects how in {hows} (got {how!r}); "
                              f"hang, slow and drop need mode='mooncake'")
         if not 0 <= rank < self.num_ranks or not self.alive[rank]:
             raise ValueError(f"rank {rank} is not a live rank (alive: {np.nonzero(self.alive)[0].tolist()})")
+        if self.mode == "mooncake" and at_step is None and how in ("kill", "hang"):
+            self._runner.inject(rank, how)          # a signal: safe from any thread, fires now
+            return
         with self._fail_lock:
-            self._failures.append((int(rank), at_step))
+            self._failures.append((int(rank), how, at_step, delay_s))
 
     def _due_failures(self, step: int):
+        """Fires the injected failures due at `step` (spmd: the device is lost, the step fails;
+        mooncake: the fault is applied to the worker and the step finds it)."""
         with self._fail_lock:
-            due = [r for r, at in self._failures if at is None or at <= step]
-            self._failures = [(r, at) for r, at in self._failures if not (at is None or at <= step)]
-        if due:
-            raise RankFailure(due, "injected")
+            due = [f for f in self._failures if f[2] is None or f[2] <= step]
+            self._failures = [f for f in self._failures if not (f[2] is None or f[2] <= step)]
+        if not due:
+            return
+        if self.mode == "spmd":
+            raise RankFailure([r for r, *_ in due], "injected")
+        for rank, how, _, delay_s in due:
+            self._runner.inject(rank, how, delay_s)
 
     @staticmethod
     def _ranks_named(error: Exception, mesh_ranks: list[int]) -> list[int]:
@@ -284,7 +325,7 @@ class Engine:
     def _recover(self, failure: RankFailure, requeued: int):
         """Applies the controller's decision for `failure` (spmd: a new mesh over the survivors)."""
         t0 = time.perf_counter()
-        rec = RecoveryRecord(epoch=0, failed_ranks=failure.ranks, detect_s=t0 - failure.detected_at,
+        rec = RecoveryRecord(epoch=0, failed_ranks=failure.ranks, detect_s=failure.detected_at - failure.failed_at,
                              requests_requeued=requeued)
         try:
             epoch, placement = self._controller.decide(failure.ranks, self.expert_loads(), self._placement)
@@ -295,12 +336,17 @@ class Engine:
         rec.decide_s, rec.epoch = t1 - t0, epoch.number
         alive = epoch.active.astype(bool)
         keep_ranks = np.nonzero(alive)[0].tolist()
-        self._cancel_fallbacks.set()        # a fallback not ready now is compiled here instead
-        compiled = self._fallbacks.pop(frozenset(keep_ranks), None)
-        rec.precompiled = compiled is not None
-        runner, moved = self._runner.survivors([self._mesh_ranks.index(r) for r in keep_ranks],
-                                               compact(placement, alive), self._backup or {}, compiled)
-        rec.moved_experts = moved["peer"] + moved["backup"]
+        if self.mode == "spmd":
+            self._cancel_fallbacks.set()        # a fallback not ready now is compiled here instead
+            compiled = self._fallbacks.pop(frozenset(keep_ranks), None)
+            rec.precompiled = compiled is not None
+            runner, moved = self._runner.survivors([self._mesh_ranks.index(r) for r in keep_ranks],
+                                                   compact(placement, alive), self._backup or {}, compiled)
+        else:
+            runner, compiled = self._runner, None
+            runner.fence(failure.ranks)
+            moved = runner.install(epoch.active, placement)
+        rec.moved_experts = moved["peer"] + moved["backup"] + moved.get("local", 0)
         rec.restored_from_backup = moved["backup"]
         self._controller.install(epoch)
         self._runner, self._mesh_ranks, self._placement = runner, keep_ranks, placement
@@ -311,7 +357,7 @@ class Engine:
             rec.compile_s = runner.ensure_compiled([self._resume_shape(n, len(keep_ranks))
                                                     for n in self._batch_shapes])
         self._controller.records.append(rec)
-        self._pending_record = (rec, time.perf_counter(), failure.detected_at)
+        self._pending_record = (rec, time.perf_counter(), failure.failed_at)
 
     def _start_fallbacks(self, shapes: list):
         """Compiles, in the background, the steps for every mesh that one more failure would leave."""
@@ -340,10 +386,34 @@ class Engine:
         self._fallback_thread.start()
 
     def wait_fallbacks(self) -> int:
-        """Waits for the background precompilation; returns how many fallback meshes are ready."""
+        """Waits for the background precompilation; returns how many fallback meshes (spmd) or
+        shape sets (mooncake) are ready."""
+        if self.mode == "mooncake":
+            return self._runner.wait_background()
         if self._fallback_thread is not None:
             self._fallback_thread.join()
         return len(self._fallbacks)
+
+    def restart_rank(self, rank: int):
+        """Brings a failed rank back (mooncake mode): a fresh worker joins at a step boundary, gets
+        slots by a rebalance that stays close to the current placement, loads their weights from
+        its peers (or the host backup), and takes load from the next batch on."""
+        self._check_open()
+        if self.mode != "mooncake":
+            raise ValueError("restart_rank needs mode='mooncake' (a lost device does not come back)")
+        if not 0 <= rank < self.num_ranks or self.alive[rank]:
+            raise ValueError(f"rank {rank} is not a dead rank")
+        self._runner.restart(rank)
+        alive = self.alive
+        alive[rank] = True
+        p = rebalance(self.expert_loads().astype(np.float64) + 1.0, self.num_ranks, self.slots_per_rank,
+                      policy=self._controller.policy, alive=alive, previous=self._placement,
+                      max_replicas=self.max_replicas)
+        self._runner.install(alive.astype(np.int32), p, fresh={rank})
+        epoch = self._controller.epoch
+        self._controller.install(type(epoch)(epoch.number + 1, alive.astype(np.int32), epoch.placement_version + 1))
+        self._placement, self._active = p, alive.astype(np.int32)
+        self._mesh_ranks = np.nonzero(alive)[0].tolist()
 
     def _batch_pad(self, b: int, ranks: int | None = None) -> int:
         n = ranks or len(self._mesh_ranks)
@@ -373,8 +443,10 @@ class Engine:
 
     # -- compute ------------------------------------------------------------------------------------
     def score(self, token_ids) -> np.ndarray:
-        """Full-sequence forward. token_ids [B, S] ints -> float32 logits [B, S, V]."""
+        """Full-sequence forward. token_ids [B, S] ints -> float32 logits [B, S, V] (mode spmd)."""
         self._check_open()
+        if self.mode != "spmd":
+            raise ValueError("score() runs in mode='spmd'; mode='mooncake' serves generate()")
         ids = np.asarray(token_ids)
         if ids.ndim != 2 or ids.shape[0] == 0 or ids.shape[1] == 0:
             raise ValueError(f"token_ids must be a non-empty [batch, seq] array, got shape {ids.shape}")
@@ -470,8 +542,11 @@ class Engine:
         done = np.zeros(bp, bool)
         done[b:] = True
         positions = lens.copy()
-        if self._precompile:
+        if self._precompile and self.mode == "spmd":
             self._start_fallbacks(self._batch_shapes)
+        elif self.mode == "mooncake" and rt.num_live > 1:
+            rt.precompile_background([self._resume_shape(n, rt.num_live - 1) for n in self._batch_shapes],
+                                     rt.num_live - 1)
         while True:
             self._good_step(int((~done).sum()))
             self._loads.append(counts)

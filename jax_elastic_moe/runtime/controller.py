@@ -20,6 +20,7 @@ class RankFailure(RuntimeError):
         self.ranks = sorted(set(int(r) for r in ranks))
         self.reason = reason
         self.detected_at = time.perf_counter() if detected_at is None else detected_at
+        self.failed_at = self.detected_at   # when the failure happened, where known (injection)
         super().__init__(f"ranks {self.ranks} failed: {reason}" if reason else f"ranks {self.ranks} failed")
 
 

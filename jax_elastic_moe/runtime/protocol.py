@@ -9,7 +9,7 @@ COMMANDS = {
              "active", "exchange_timeout", "heartbeat_endpoint", "heartbeat_interval", "incarnation"),
     "compile": ("id", "shapes"),
     "step": ("id", "kind", "step", "tokens", "cache_len", "sample_ids", "seed", "temperature", "top_p"),
-    "epoch": ("id", "peers", "active", "log2phy"),
+    "install": ("id", "peers", "active", "log2phy"),
     "load": ("id", "loads"),
     "commit": ("id",),
     "fault": ("id", "how"),
@@ -20,5 +20,5 @@ NOTES = {"hello": ("rank", "pid"), "reply": ("rank", "id", "ok")}
 
 def register_messages():
     for name, fields in {**COMMANDS, **NOTES}.items():
-        if name not in MESSAGE_FIELDS:
-            register_message(name, fields)
+        if MESSAGE_FIELDS.get(name) != frozenset(fields):
+            register_message(name, fields)   # raises if the name is taken with other fields

@@ -14,6 +14,7 @@ import ctypes
 import os
 import signal
 import sys
+import threading
 import time
 
 EXPERT_PARAMS = ("w_gate", "w_up", "w_down")
@@ -90,6 +91,7 @@ class Worker:
         self.active = np.asarray(msg["active"], np.int32)
         self.active_dev = jnp.asarray(self.active)
         self.compiled, self.cache = {}, None
+        self._compiling, self._compile_lock = {}, threading.Lock()
         self.heartbeat = HeartbeatSender(msg["heartbeat_endpoint"], self.rank, incarnation=int(msg["incarnation"]),
                                          interval=float(msg["heartbeat_interval"]))
         self.heartbeat.start()
@@ -110,6 +112,7 @@ class Worker:
         row block d to rank d, returns the blocks received from every source. Phase 1: rows [N, T, H]
         go back to the ranks they came from. Raises (abandoning the step) when a peer fails."""
         np = self.np
+        arrays = [np.asarray(a) for a in arrays]
         n, t = arrays[0].shape[:2]
         seq = int(step) * (2 * len(self.moe_layer_ids)) + 2 * moe_layer + phase + 1
         peers = [r for r in range(n) if self.active[r] and r != self.rank]
@@ -153,8 +156,23 @@ class Worker:
         """The compiled step for these shapes (compiled on first use; the controller asks for it
         ahead of the steps, see compile)."""
         key = (kind, batch, seq, cache_len)
-        if key in self.compiled:
+        with self._compile_lock:
+            if key in self.compiled:
+                return self.compiled[key]
+            owner = key not in self._compiling
+            event = self._compiling.setdefault(key, threading.Event())
+        if not owner:                       # a background compile of the same program: wait for it
+            event.wait()
             return self.compiled[key]
+        try:
+            return self._build(key)
+        finally:
+            with self._compile_lock:
+                self._compiling.pop(key, None)
+            event.set()
+
+    def _build(self, key):
+        kind, batch, seq, cache_len = key
         jax, jnp = self.jax, self.jnp
         from flax import nnx
 
@@ -185,14 +203,20 @@ class Worker:
             return sample(model.logits(last), rng, sample_ids, temperature, top_p), cache, counts
 
         cache = None if kind == "prefill" else jax.eval_shape(lambda: self._empty_cache(batch, cache_len))
-        self.compiled[key] = jax.jit(run).lower(*self._abstract_args(kind, batch, seq, cache)).compile()
-        return self.compiled[key]
+        compiled = jax.jit(run).lower(*self._abstract_args(kind, batch, seq, cache)).compile()
+        with self._compile_lock:
+            self.compiled[key] = compiled
+        return compiled
 
     def compile(self, msg: dict):
         """Compiles the programs a batch will use, so no rank compiles inside a step with deadlines."""
+        shapes = [(k, int(b), int(s), int(c)) for k, b, s, c in msg["shapes"]]
+        if msg.get("background"):           # programs for after a failure: compile while serving
+            threading.Thread(target=lambda: [self._model_fn(*sh) for sh in shapes], daemon=True).start()
+            return {"compile_s": 0.0}
         t = time.perf_counter()
-        for kind, batch, seq, cache_len in msg["shapes"]:
-            self._model_fn(kind, int(batch), int(seq), int(cache_len))
+        for sh in shapes:
+            self._model_fn(*sh)
         return {"compile_s": time.perf_counter() - t}
 
     def _empty_cache(self, batch, cache_len):
@@ -246,7 +270,7 @@ class Worker:
             if self.failure is None:
                 raise
             res = self.failure
-            return {"ok": False, "direct": sorted(int(r) for r in res.direct),
+            return {"ok": False, "failed_step": True, "direct": sorted(int(r) for r in res.direct),
                     "silent": sorted(int(r) for r in res.silent), "reason": str(e)[:300]}
         self.cache = cache
         return {"ok": True, "tokens": nxt.tolist(), "counts": np.asarray(counts).reshape(-1).tolist()}
@@ -313,7 +337,7 @@ class Worker:
     def run(self, idle_timeout: float):
         from .control import ControlTimeout, message
         self.client.notify(message("hello", rank=self.rank, pid=os.getpid()))
-        handlers = {"init": self.init, "compile": self.compile, "step": self.step, "epoch": self.epoch,
+        handlers = {"init": self.init, "compile": self.compile, "step": self.step, "install": self.epoch,
                     "load": self.load, "commit": self.commit, "fault": self.set_fault}
         last = time.monotonic()
         while True:
@@ -327,8 +351,8 @@ class Worker:
             if msg["type"] == "shutdown":
                 return 0
             try:
-                out = handlers[msg["type"]](msg)
-                reply = message("reply", rank=self.rank, id=msg.get("id", 0), ok=True, **out)
+                out = {"ok": True, **handlers[msg["type"]](msg)}
+                reply = message("reply", rank=self.rank, id=msg.get("id", 0), **out)
             except Exception as e:  # report, keep serving: the controller decides
                 reply = message("reply", rank=self.rank, id=msg.get("id", 0), ok=False,
                                 reason=f"{type(e).__name__}: {e}"[:500])
@@ -355,11 +379,17 @@ def main(argv=None) -> int:
         _die_with_parent()
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     os.environ.setdefault("MC_LOG_LEVEL", "ERROR")
+    import logging
+    logging.getLogger("jax._src.callback").setLevel(logging.CRITICAL)   # failures are reported, not logged
     w = Worker(args.controller, args.rank, args.host)
+    code = 1
     try:
-        return w.run(args.idle_timeout)
+        code = w.run(args.idle_timeout)
     finally:
         w.close()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)      # skip interpreter teardown: Mooncake's threads do not survive it cleanly
 
 
 if __name__ == "__main__":

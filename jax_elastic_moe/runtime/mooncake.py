@@ -1,0 +1,407 @@
+"""The controller side of the multi-process ("mooncake") runtime: one worker process per rank.
+
+The engine's process is the controller: it starts (or admits) the workers, sends every step's rows
+to the live ranks, collects their tokens, and turns failures — a failed or timed-out exchange that
+workers report, a worker that does not answer, a process that exited, missed heartbeats — into a
+RankFailure naming the dead ranks. Applying a new epoch is a data update on the survivors: peers
+table, active mask, placement, and the expert slots to load (from a surviving replica by Mooncake
+read, else from the host backup this process keeps)."""
+from __future__ import annotations
+
+import itertools
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+from ..placement import Placement
+from .controller import EngineDead, RankFailure
+from .control import ControlServer, ControlTimeout, message
+from .detector import HeartbeatMonitor, new_incarnation
+from .protocol import register_messages
+
+EXPERTS = ("w_gate", "w_up", "w_down")
+
+
+class WorkerProcess:
+    def __init__(self, rank: int, proc: subprocess.Popen | None):
+        self.rank, self.proc = rank, proc
+        self.pid: int | None = proc.pid if proc else None
+        self.address: dict | None = None
+
+    def exited(self) -> bool:
+        return self.proc is not None and self.proc.poll() is not None
+
+    def signal(self, sig):
+        if self.pid is not None:
+            try:
+                os.kill(self.pid, sig)
+            except ProcessLookupError:
+                pass
+
+    def kill(self):
+        self.signal(signal.SIGKILL)
+        if self.proc is not None:
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                pass
+
+
+class MooncakeRuntime:
+    """Workers for `num_ranks` ranks; `placement` is global (dead ranks' slots empty)."""
+
+    def __init__(self, cfg, source: dict, dtype: str, num_ranks: int, placement: Placement,
+                 backup: dict | None, *, exchange_timeout: float = 0.5, heartbeat_interval: float = 0.2,
+                 heartbeat_timeout: float = 3.0, start_timeout: float = 300.0, max_rows: int = 4096,
+                 endpoint: str = "tcp://127.0.0.1:0", spawn: bool = True, worker_host: str = "127.0.0.1"):
+        register_messages()
+        self.cfg, self.source, self.dtype = cfg, source, dtype
+        self.num_ranks, self.spr = num_ranks, placement.slots_per_rank
+        self.placement = placement
+        self.backup = backup
+        self.exchange_timeout, self.max_rows = exchange_timeout, max_rows
+        self.heartbeat_interval = heartbeat_interval
+        self.start_timeout = start_timeout
+        self.worker_host = worker_host
+        self.moe_layer_ids = [i for i, m in enumerate(cfg.moe_layers) if m]
+        self.live: list[int] = list(range(num_ranks))
+        self.active = np.ones(num_ranks, np.int32)
+        self.workers: dict[int, WorkerProcess] = {}
+        self._ids = itertools.count(1)
+        self._step_seq = 0
+        self._background: set = set()
+        self.injected_at: dict[int, float] = {}     # fault injection time per rank (detection timing)
+        self._closed = False
+        self.server = ControlServer(endpoint)
+        self.endpoint = self.server.endpoint
+        self.monitor = HeartbeatMonitor(interval=heartbeat_interval, timeout=heartbeat_timeout)
+        self.monitor.start()
+        self.heartbeat_endpoint = self.monitor.endpoint
+        try:
+            self._start(list(range(num_ranks)), spawn)
+        except Exception:
+            self.close()
+            raise
+
+    # -- workers ------------------------------------------------------------------------------------
+    def _spawn(self, rank: int) -> WorkerProcess:
+        env = dict(os.environ, JAX_PLATFORMS="cpu", MC_LOG_LEVEL="ERROR",
+                   PYTHONPATH=os.pathsep.join(filter(None, [os.path.dirname(os.path.dirname(
+                       os.path.dirname(os.path.abspath(__file__)))), os.environ.get("PYTHONPATH")])))
+        # one compute thread per worker: N workers share the host's cores
+        env["XLA_FLAGS"] = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+        cmd = [sys.executable, "-m", "jax_elastic_moe.runtime.worker", "--controller", self.endpoint,
+               "--rank", str(rank), "--host", self.worker_host, "--die-with-parent"]
+        return WorkerProcess(rank, subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL))
+
+    def _start(self, ranks: list[int], spawn: bool):
+        """Starts (or waits for external `jem worker`s of) `ranks`, sends init, installs peers."""
+        for r in ranks:
+            self.workers[r] = self._spawn(r) if spawn else WorkerProcess(r, None)
+        waiting, deadline = set(ranks), time.monotonic() + self.start_timeout
+        while waiting:
+            inc = self._recv(deadline, f"ranks {sorted(waiting)} to start")
+            if inc.msg["type"] == "hello" and inc.msg["rank"] in waiting:
+                r = int(inc.msg["rank"])
+                self.workers[r].pid = int(inc.msg["pid"])
+                waiting.discard(r)
+        init = {r: self._init_msg(r) for r in ranks}
+        replies = self._command(ranks, lambda r: init[r], timeout=self.start_timeout, what="init")
+        for r in ranks:
+            self.workers[r].address = replies[r]["address"]
+            self.monitor.watch(r, init[r]["incarnation"])
+        self.install(self.active, self.placement, loads={})
+
+    def _init_msg(self, rank: int) -> dict:
+        return message("init", id=next(self._ids), config=self.source["config"], dtype=self.dtype,
+                       seed=int(self.source.get("seed", 0)), checkpoint=self.source.get("checkpoint"),
+                       num_ranks=self.num_ranks, slots_per_rank=self.spr, max_rows=self.max_rows,
+                       phy2log=self.placement.phy2log.tolist(), log2phy=self.placement.log2phy.tolist(),
+                       active=self.active.tolist(), exchange_timeout=self.exchange_timeout,
+                       heartbeat_endpoint=self.heartbeat_endpoint, heartbeat_interval=self.heartbeat_interval,
+                       incarnation=new_incarnation())
+
+    def _recv(self, deadline: float, what: str):
+        try:
+            return self.server.recv(max(0.0, deadline - time.monotonic()))
+        except ControlTimeout:
+            raise TimeoutError(f"timed out waiting for {what}") from None
+
+    def _command(self, ranks, make, timeout: float, what: str) -> dict:
+        """Sends make(rank) to each rank and waits for every reply; errors name the rank."""
+        ids = {}
+        for r in ranks:
+            msg = make(r)
+            ids[msg["id"]] = r
+            self.server.send(f"rank-{r}".encode(), msg)
+        replies, deadline = {}, time.monotonic() + timeout
+        while len(replies) < len(ranks):
+            inc = self._recv(deadline, f"{what} replies from ranks {sorted(set(ranks) - set(replies))}")
+            m = inc.msg
+            if m["type"] != "reply" or m["id"] not in ids:
+                continue
+            if not m["ok"]:
+                raise RuntimeError(f"rank {m['rank']} failed to {what}: {m.get('reason')}")
+            replies[ids[m["id"]]] = m
+        return replies
+
+    # -- the runtime interface ------------------------------------------------------------------------
+    @property
+    def num_live(self) -> int:
+        return len(self.live)
+
+    @staticmethod
+    def _local_shapes(shapes: list, n: int) -> list:
+        """Per-rank (kind, batch, seq, cache_len) of global step shapes over n live ranks."""
+        return [[kind, batch // n, *(rest if kind == "prefill" else [1, rest[-1]])] for kind, batch, *rest in shapes]
+
+    def precompile_background(self, shapes: list, n: int):
+        """Workers compile, while serving, the programs a batch takes with n live ranks (after one
+        more failure), so recovery does not wait for a compiler. Sent once per set of shapes."""
+        local = self._local_shapes(shapes, n)
+        key = ("background", tuple(map(tuple, local)))
+        if key in self._background:
+            return
+        self._background.add(key)
+        self._command(self.live, lambda r: message("compile", id=next(self._ids), shapes=local, background=True),
+                      timeout=60, what="start background compiles")
+
+    def wait_background(self) -> int:
+        """Waits until the workers' background compiles are done; returns how many shape sets."""
+        for _, local in self._background:
+            self._command(self.live, lambda r: message("compile", id=next(self._ids), shapes=[list(x) for x in local]),
+                          timeout=self.start_timeout, what="finish background compiles")
+        return len(self._background)
+
+    def ensure_compiled(self, shapes: list) -> float:
+        """Every live worker compiles the per-rank programs of these global step shapes."""
+        n = self.num_live
+        local = self._local_shapes(shapes, n)
+        key = tuple(map(tuple, local))
+        done = getattr(self, "_compiled", {})
+        todo = [r for r in self.live if key not in done.get(r, set())]
+        if not todo:
+            return 0.0
+        t = time.perf_counter()
+        self._command(todo, lambda r: message("compile", id=next(self._ids), shapes=local),
+                      timeout=self.start_timeout, what="compile")
+        self._compiled = done
+        for r in todo:
+            done.setdefault(r, set()).add(key)
+        return time.perf_counter() - t
+
+    def prefill(self, tokens, lengths, sample_ids, cache_len: int, sampling):
+        return self._step("prefill", cache_len, sampling, tokens=tokens, lengths=lengths, sample_ids=sample_ids)
+
+    def decode(self, tokens, positions, valid, sample_ids, sampling):
+        return self._step("decode", self._cache_len, sampling, tokens=tokens[:, None], positions=positions,
+                          valid=valid, sample_ids=sample_ids)
+
+    def _step(self, kind: str, cache_len: int, sampling, **rows):
+        """Sends each live rank its share of the rows; returns (next tokens [B], counts [Lm, E])."""
+        self._cache_len = cache_len
+        self._step_seq += 1
+        seed, temperature, top_p = sampling
+        n = self.num_live
+        b = rows["tokens"].shape[0] // n
+        ids = {}
+        for i, r in enumerate(self.live):
+            part = {k: v[i * b:(i + 1) * b].tolist() for k, v in rows.items()}
+            msg = message("step", id=next(self._ids), kind=kind, step=self._step_seq, cache_len=cache_len,
+                          seed=seed, temperature=temperature, top_p=top_p, **part)
+            ids[msg["id"]] = r
+            self.server.send(f"rank-{r}".encode(), msg)
+        return self._collect(ids, b)
+
+    def _collect(self, ids: dict, b: int):
+        """Waits for every rank's step reply. Failure evidence: reports of failed exchanges, ranks
+        that do not answer, exited processes, heartbeat suspects."""
+        replies, reports = {}, {}
+        ranks = set(ids.values())
+        limit = time.monotonic() + max(30.0, 4 * len(self.moe_layer_ids) * self.exchange_timeout + 10.0)
+        grace_until = None
+        while len(replies) < len(ids):
+            now = time.monotonic()
+            missing = ranks - set(replies) - set(reports)
+            exited = {r for r in missing if self.workers[r].exited()}
+            named = set()
+            for m in reports.values():
+                named |= set(m["direct"]) | set(m["silent"])
+            if reports or exited or (self.monitor.suspects() & missing):
+                if grace_until is None:
+                    grace_until = now + self.exchange_timeout + 0.3
+                # every rank has answered, except ranks known dead or named by a report: decide now
+                if all(r in exited or r in named for r in missing):
+                    break
+            if now >= limit or (grace_until is not None and now >= grace_until):
+                break
+            try:
+                inc = self.server.recv(min(0.02, max(0.001, (grace_until or limit) - now)))
+            except ControlTimeout:
+                continue
+            m = inc.msg
+            if m["type"] != "reply" or m["id"] not in ids:
+                continue
+            r = ids[m["id"]]
+            if m["ok"] and m.get("tokens") is not None:
+                replies[r] = m
+            elif m.get("failed_step"):
+                reports[r] = m
+            else:
+                raise RuntimeError(f"rank {r} failed a step: {m.get('reason')}")
+        if len(replies) == len(ids):
+            return self._merge(ids, replies, b)
+        dead = self._confirm(set(ids.values()), replies, reports)
+        injected = [self.injected_at.pop(r) for r in dead if r in self.injected_at]
+        failure = RankFailure(dead, self._describe(reports))
+        failure.failed_at = min(injected) if injected else failure.detected_at
+        raise failure
+
+    def _confirm(self, ranks: set, replies: dict, reports: dict) -> list[int]:
+        """The dead among `ranks`: exited or silent-to-the-controller workers, heartbeat suspects,
+        ranks whose transfers failed (direct evidence, from any report), and ranks a majority of
+        reporters found silent."""
+        dead = {r for r in ranks if self.workers[r].exited()}
+        dead |= {r for r in self.monitor.suspects() if r in ranks}
+        dead |= ranks - set(replies) - set(reports)
+        silent_votes = {}
+        for reporter, m in reports.items():
+            dead |= {int(x) for x in m["direct"] if int(x) in ranks}
+            for x in m["silent"]:
+                silent_votes[int(x)] = silent_votes.get(int(x), 0) + 1
+        voters = len(reports)
+        dead |= {r for r, v in silent_votes.items() if r in ranks and v * 2 > voters}
+        if not dead:   # every report blames peers only weakly: the quietest rank of the votes
+            dead = {max(silent_votes, key=silent_votes.get)} if silent_votes else set(reports)
+        return sorted(dead)
+
+    @staticmethod
+    def _describe(reports: dict) -> str:
+        return "; ".join(f"rank {r}: {m.get('reason', '')[:120]}" for r, m in sorted(reports.items()))
+
+    def _merge(self, ids: dict, replies: dict, b: int):
+        n = len(self.live)
+        out = np.zeros(n * b, np.int32)
+        counts = np.zeros((len(self.moe_layer_ids), self.cfg.num_experts), np.int64)
+        for i, r in enumerate(self.live):
+            out[i * b:(i + 1) * b] = replies[r]["tokens"]
+            counts += np.asarray(replies[r]["counts"], np.int64).reshape(counts.shape)
+        return out, counts
+
+    # -- epochs ---------------------------------------------------------------------------------------
+    def fence(self, ranks):
+        """Makes sure ranks declared dead are dead (a paused or dropping process must not come back)."""
+        for r in ranks:
+            w = self.workers.get(r)
+            if w is not None:
+                w.kill()
+                self.monitor.unwatch(r)
+
+    def load_plan(self, old: Placement, new: Placement, fresh: set[int]) -> dict[int, list]:
+        """Per live rank, the slots it must load for `new`: (moe layer, local slot, source)."""
+        spr = self.spr
+        holders = {}                    # (layer, expert) -> (rank, local slot) with intact weights
+        for m in range(old.num_layers):
+            for s, e in enumerate(old.phy2log[m]):
+                r = s // spr
+                if e >= 0 and r in self.live and r not in fresh:
+                    holders.setdefault((m, int(e)), (r, s % spr))
+        plan = {r: [] for r in self.live}
+        for m in range(new.num_layers):
+            for s, e in enumerate(new.phy2log[m]):
+                r, j = s // spr, s % spr
+                if e < 0 or r not in plan or (r not in fresh and old.phy2log[m, s] == e):
+                    continue
+                src = holders.get((m, int(e)))
+                if src is None:
+                    src_msg = {"kind": "backup", "data": self._backup_bytes(m, int(e))}
+                elif src[0] == r:
+                    src_msg = {"kind": "local", "slot": src[1]}
+                else:
+                    src_msg = {"kind": "peer", "rank": src[0], "slot": src[1]}
+                plan[r].append([m, j, src_msg])
+        return plan
+
+    def _backup_bytes(self, m: int, e: int) -> bytes:
+        if self.backup is None:
+            raise EngineDead(f"expert {e} of MoE layer {m} lost every replica and there is no host backup")
+        layer = self.moe_layer_ids[m]
+        return b"".join(np.ascontiguousarray(self.backup[("layers", layer, "mlp", p)][e]).tobytes()
+                        for p in EXPERTS)
+
+    def install(self, active: np.ndarray, placement: Placement, loads: dict | None = None,
+                fresh: set[int] = frozenset()) -> dict:
+        """Installs an epoch on the live ranks: peers, mask, placement, then the two-phase weight move
+        (every rank reads into staging, then every rank commits). Returns counts of loads by source."""
+        old = self.placement
+        self.active = np.asarray(active, np.int32)
+        self.live = [r for r in range(self.num_ranks) if self.active[r]]
+        peers = {str(r): self.workers[r].address for r in self.live}
+        self._command(self.live, lambda r: message("install", id=next(self._ids), peers=peers,
+                                                    active=self.active.tolist(), log2phy=placement.log2phy.tolist()),
+                      timeout=60, what="install the epoch")
+        plan = self.load_plan(old, placement, set(fresh)) if loads is None else loads
+        stats = {"peer": 0, "local": 0, "backup": 0}
+        for items in plan.values():
+            for _, _, src in items:
+                stats[src["kind"]] += 1
+        if any(plan.values()):
+            self._command(self.live, lambda r: message("load", id=next(self._ids), loads=plan.get(r, [])),
+                          timeout=120, what="load expert weights")
+            self._command(self.live, lambda r: message("commit", id=next(self._ids)), timeout=60,
+                          what="commit expert weights")
+        self.placement = placement
+        self._compiled = {}         # shapes per rank change with the number of live ranks
+        self._background = set()
+        return stats
+
+    def restart(self, rank: int):
+        """Starts a fresh worker for `rank` (init with the current placement; the engine then installs
+        an epoch that gives it slots)."""
+        if rank in self.live:
+            raise ValueError(f"rank {rank} is alive")
+        self.workers[rank] = self._spawn(rank)
+        deadline = time.monotonic() + self.start_timeout
+        while True:
+            inc = self._recv(deadline, f"rank {rank} to start")
+            if inc.msg["type"] == "hello" and inc.msg["rank"] == rank:
+                self.workers[rank].pid = int(inc.msg["pid"])
+                break
+        init = self._init_msg(rank)
+        reply = self._command([rank], lambda r: init, timeout=self.start_timeout, what="init")[rank]
+        self.workers[rank].address = reply["address"]
+        self.monitor.watch(rank, init["incarnation"])
+
+    def inject(self, rank: int, how: str, delay_s: float = 1.0):
+        """Fault injection: kill (SIGKILL), hang (SIGSTOP), slow (delays its exchanges), drop (its
+        transfers fail)."""
+        w = self.workers[rank]
+        self.injected_at[rank] = time.perf_counter()
+        if how == "kill":
+            w.signal(signal.SIGKILL)
+        elif how == "hang":
+            w.signal(signal.SIGSTOP)
+        else:
+            self._command([rank], lambda r: message("fault", id=next(self._ids), how=how, delay_s=delay_s),
+                          timeout=30, what=f"inject {how}")
+
+    def close(self):
+        if self._closed:
+            return
+        self._closed = True
+        for w in self.workers.values():
+            if not w.exited():
+                self.server.send(f"rank-{w.rank}".encode(), message("shutdown"))
+        deadline = time.monotonic() + 10
+        for w in self.workers.values():
+            if w.proc is not None:
+                try:
+                    w.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    w.kill()
+        self.monitor.stop()
+        self.server.close()

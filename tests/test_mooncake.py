@@ -1,0 +1,151 @@
+"""The multi-process runtime on loopback: 4 worker processes, tiny preset, float32. Ranks are killed,
+hung, made to drop their transfers, killed two at once and one after the other, killed beyond what
+redundancy covers, and brought back; every surviving run must give the tokens of a run with no
+failure. One engine serves the whole module (starting 4 JAX workers costs tens of seconds here)."""
+import os
+import signal
+import time
+
+import pytest
+
+pytest.importorskip("mooncake.engine", reason="needs the elastic extras: pip install 'jax-elastic-moe[elastic]'")
+pytest.importorskip("zmq")
+
+import jax_elastic_moe as jem  # noqa: E402
+from jax_elastic_moe.placement import validate  # noqa: E402
+from jax_elastic_moe.runtime.controller import EngineDead  # noqa: E402
+from runtime_support import time_limit  # noqa: E402
+
+PROMPTS = [[3, 4, 5], [10, 20, 30, 40, 50, 60], [7], [100, 101], [9, 9, 9, 9], [42], [250, 3], [17, 18, 19]]
+NEW = 10
+
+
+@pytest.fixture(scope="module")
+def reference():
+    with jem.Engine.from_config("tiny", num_ranks=1, seed=0) as eng:
+        return [r.token_ids for r in eng.generate(PROMPTS, max_new_tokens=NEW, stop_token_ids=[])]
+
+
+@pytest.fixture(scope="module")
+def engine():
+    with time_limit(600, "starting 4 workers"):
+        eng = jem.Engine.from_config("tiny", num_ranks=4, redundant_experts=8, seed=0, mode="mooncake")
+    pids = []
+    try:
+        yield eng, pids
+    finally:
+        pids += [w.pid for w in eng._runner.workers.values()]
+        eng.close()
+        time.sleep(0.5)
+        for pid in pids:                      # every worker is gone, by pid
+            try:
+                os.kill(pid, 0)
+                alive = os.waitpid(pid, os.WNOHANG) == (0, 0)
+            except (ProcessLookupError, ChildProcessError):
+                alive = False
+            if alive:
+                os.kill(pid, signal.SIGKILL)
+                raise AssertionError(f"worker {pid} outlived the engine")
+
+
+def run(eng, limit=300):
+    with time_limit(limit, "generate"):
+        return [r.token_ids for r in eng.generate(PROMPTS, max_new_tokens=NEW, stop_token_ids=[])]
+
+
+def last_recovery(eng):
+    return eng.stats()["recoveries"][-1]
+
+
+def test_no_failure_matches_one_device(engine, reference):
+    eng, _ = engine
+    assert run(eng, 600) == reference
+    with time_limit(600, "background compiles"):
+        eng.wait_fallbacks()
+
+
+def test_kill_one_mid_generation(engine, reference):
+    eng, pids = engine
+    pids.append(eng._runner.workers[1].pid)
+    eng.fail_rank(1, how="kill", at_step=3)
+    assert run(eng) == reference
+    rec = last_recovery(eng)
+    assert rec["failed_ranks"] == [1] and rec["requests_requeued"] == len(PROMPTS)
+    assert eng.stats()["alive_ranks"] == [0, 2, 3]
+    validate(eng.placement, eng.alive)
+
+
+def test_rank_rejoins_and_takes_load(engine, reference):
+    eng, pids = engine
+    with time_limit(600, "restart"):
+        eng.restart_rank(1)
+    pids.append(eng._runner.workers[1].pid)
+    assert eng.stats()["alive_ranks"] == [0, 1, 2, 3]
+    assert (eng.placement.phy2log[:, 4:8] >= 0).any(), "the rejoined rank holds experts again"
+    validate(eng.placement, eng.alive)
+    assert run(eng, 600) == reference
+    with time_limit(600, "background compiles"):
+        eng.wait_fallbacks()
+
+
+def test_hang_one(engine, reference):
+    eng, pids = engine
+    eng.fail_rank(3, how="hang", at_step=2)
+    t = time.perf_counter()
+    assert run(eng) == reference
+    rec = last_recovery(eng)
+    assert rec["failed_ranks"] == [3]
+    assert rec["detect_s"] < 5.0, "a hung rank is caught by the exchange deadline, not Mooncake's 30 s"
+    assert time.perf_counter() - t < 120
+
+
+def test_drop_one(engine, reference):
+    eng, pids = engine
+    restart(eng, pids, 3)
+    eng.fail_rank(0, how="drop", at_step=2)
+    assert run(eng) == reference
+    assert last_recovery(eng)["failed_ranks"] == [0]
+
+
+def restart(eng, pids, *ranks):
+    for r in ranks:
+        with time_limit(600, "restart"):
+            eng.restart_rank(r)
+        pids.append(eng._runner.workers[r].pid)
+    run(eng, 600)                                   # compiles for 4 live ranks again
+    with time_limit(600, "background compiles"):
+        eng.wait_fallbacks()
+
+
+def test_kill_two_at_once(engine, reference):
+    eng, pids = engine
+    restart(eng, pids, 0)
+    eng.fail_rank(1, how="kill", at_step=2)
+    eng.fail_rank(2, how="kill", at_step=2)
+    assert run(eng, 600) == reference
+    assert last_recovery(eng)["failed_ranks"] == [1, 2]
+    assert eng.stats()["alive_ranks"] == [0, 3]
+    validate(eng.placement, eng.alive)
+
+
+def test_kill_two_one_after_the_other(engine, reference):
+    eng, pids = engine
+    restart(eng, pids, 1, 2)
+    before = len(eng.stats()["recoveries"])
+    eng.fail_rank(1, how="kill", at_step=2)
+    eng.fail_rank(2, how="kill", at_step=6)
+    assert run(eng, 600) == reference
+    recs = eng.stats()["recoveries"][before:]
+    assert [r["failed_ranks"] for r in recs] == [[1], [2]]
+    assert eng.stats()["alive_ranks"] == [0, 3]
+
+
+def test_kill_beyond_redundancy_stops_clearly(engine):
+    eng, _ = engine
+    # 2 ranks x 4 slots hold the 8 experts; with one more gone, 4 slots cannot: a clear stop, no hang
+    eng.fail_rank(3, how="kill", at_step=1)
+    with time_limit(120, "generate past redundancy"):
+        with pytest.raises(EngineDead, match="too few"):
+            eng.generate(PROMPTS, max_new_tokens=NEW, stop_token_ids=[])
+    with pytest.raises(EngineDead):
+        eng.generate(PROMPTS, max_new_tokens=NEW)
