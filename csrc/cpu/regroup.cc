@@ -36,19 +36,19 @@ ffi::Error RegroupCpuImpl(ffi::AnyBuffer rows, ffi::AnyBuffer row_slot, ffi::Any
     next[s] = total;
     total += sizes[s];
   }
+  // Indices first, then the rows in output order: the large output is written front to back once.
   for (int64_t e = 0; e < entries; ++e) {
     const int32_t s = slot[e];
     if (s < 0 || s >= s_n) continue;
     const int64_t p = next[s]++;
     if (p >= m) continue;
-    const int64_t r = e / d.topk;
-    e_row[p] = static_cast<int32_t>(r);
+    e_row[p] = static_cast<int32_t>(e / d.topk);
     CopyBytes(e_w + p * d.w_bytes, wp + e * d.w_bytes, d.w_bytes);
-    CopyBytes(out + p * d.row_bytes, src + r * d.row_bytes, d.row_bytes);
   }
   const int64_t used = std::min(total, m);  // padding after all groups
   std::fill(e_row + used, e_row + m, -1);
   ClearBytes(e_w + used * d.w_bytes, (m - used) * d.w_bytes);
+  for (int64_t p = 0; p < used; ++p) CopyBytes(out + p * d.row_bytes, src + e_row[p] * d.row_bytes, d.row_bytes);
   ClearBytes(out + used * d.row_bytes, (m - used) * d.row_bytes);
   return ffi::Error::Success();
 }
