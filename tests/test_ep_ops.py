@@ -12,7 +12,8 @@ from hypothesis import given, settings, strategies as st
 
 from jax_elastic_moe.ep import ffi, ops, reference
 
-needs_ffi = pytest.mark.skipif(not ffi.available("cpu"), reason=ffi.missing_reason("cpu"))
+# The default platform's kernels: CPU here; CUDA on a GPU machine (JEM_FFI_CUDA_LIBRARY, gpu_check.py).
+needs_ffi = pytest.mark.skipif(not ffi.available(), reason=ffi.missing_reason())
 FUZZ = settings(max_examples=20, deadline=None, derandomize=True)
 # Shapes come from small sets so that compiled executables are reused across examples (fast tests);
 # the contents (slots, -1 entries, duplicates, masks, values) are fuzzed freely.
@@ -191,8 +192,9 @@ def test_native_errors_reach_python():
 
 
 def test_auto_falls_back_with_one_warning(monkeypatch):
+    platform = ffi.xla_platform(jax.default_backend())
     monkeypatch.setattr(ffi, "_loaded", {})
-    monkeypatch.setattr(ffi, "_missing", {"cpu": "module jax_elastic_moe._ffi_cpu could not be loaded (test)"})
+    monkeypatch.setattr(ffi, "_missing", {platform: "module could not be loaded (test)"})
     monkeypatch.setattr(ops, "_warned", set())
     x, slots, weights = make_case(1, 6, 2, 2, 2, 3)
     with pytest.warns(RuntimeWarning, match="pip install"):
@@ -201,11 +203,11 @@ def test_auto_falls_back_with_one_warning(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         ops.dispatch(x, slots, weights, 2, 2)  # warned once only
-    with pytest.raises(RuntimeError, match="FFI kernels unavailable on cpu"):
+    with pytest.raises(RuntimeError, match=f"FFI kernels unavailable on {platform}"):
         ops.dispatch(x, slots, weights, 2, 2, backend="ffi")
 
 
 @needs_ffi
-def test_auto_is_ffi_on_cpu_for_float_dtypes():
-    assert ops.resolve_backend("auto", platform="cpu") == "ffi"
-    assert ops.resolve_backend("auto", dtypes=(jnp.int32,), platform="cpu") == "jax"
+def test_auto_is_ffi_for_float_dtypes():
+    assert ops.resolve_backend("auto") == "ffi"
+    assert ops.resolve_backend("auto", dtypes=(jnp.int32,)) == "jax"

@@ -58,9 +58,9 @@ def test_first_working_config_skips_misfits_and_failures():
     assert gm.first_working_config(gm.MGPU_CONFIGS, 64, 100, 64, 2, jnp.bfloat16, probe) is None  # k % 64
 
 
+@pytest.mark.skipif(gm.is_hopper(), reason="the Mosaic GPU kernel compiles on Hopper")
 def test_mgpu_unavailable_falls_back_to_ragged_dot(caplog):
-    """On CPU the Mosaic kernel cannot compile: every config is rejected and ragged_dot is used."""
-    assert not gm.is_hopper()
+    """Off Hopper the Mosaic kernel cannot compile: every config is rejected and ragged_dot is used."""
     x, sizes, w_gate, _, _ = make_experts(2, 16, 64, 128, 2, jnp.bfloat16)
     with caplog.at_level("WARNING"):
         got = gm.grouped_matmul(x, w_gate, sizes, impl="mgpu")
@@ -77,3 +77,17 @@ def test_bad_shapes_and_impls():
         gm.grouped_matmul(x, w_gate, sizes, impl="triton")
     with pytest.raises(ValueError, match="ragged_dot_mgpu needs equal bfloat16"):
         gm.grouped_matmul(x, w_gate, sizes, impl="mgpu")
+
+
+@pytest.mark.skipif(not gm.is_hopper(), reason="needs a Hopper GPU")
+def test_mgpu_matches_ragged_dot_on_hopper():
+    x, sizes, w_gate, w_up, w_down = make_experts(4, 1024, 512, 256, 4, jnp.bfloat16)
+    assert gm.choose_config(1024, 512, 256, 4, "bfloat16") is not None
+    got = gm.grouped_matmul(x, w_gate, sizes, impl="mgpu")
+    want = jax.lax.ragged_dot(x, w_gate, sizes)
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=2e-2, atol=2e-2)
+    assert not np.asarray(got[-2:], np.float32).any()
+    mlp = gm.expert_mlp(x, sizes, w_gate, w_up, w_down)
+    ref = reference.expert_mlp(x, sizes, w_gate, w_up, w_down)
+    err = np.linalg.norm(np.asarray(mlp, np.float32) - np.asarray(ref, np.float32)) / np.linalg.norm(np.asarray(ref, np.float32))
+    assert err < 2e-2

@@ -5,8 +5,10 @@ Loading. At import this module registers the handlers of every native module tha
 `jax_elastic_moe._ffi_cpu` for XLA platform "cpu" and `jax_elastic_moe._ffi_cuda` for "CUDA"
 (pybind11 modules exposing PyCapsules). `load_library(path)` registers a plain
 `libjem_ffi_{cpu,cuda}.so` instead, with ctypes: it has no Python ABI, so a library built here loads
-on a machine with another Python (benchmarks/gpu_check.py). `available(platform)` says whether a
-platform's handlers are registered; `missing_reason(platform)` says why not.
+on a machine with another Python (benchmarks/gpu_check.py). At import, the environment variables
+JEM_FFI_CPU_LIBRARY / JEM_FFI_CUDA_LIBRARY name such libraries for platforms whose module is not
+built. `available(platform)` says whether a platform's handlers are registered;
+`missing_reason(platform)` says why not.
 
 Scratch. CUDA handlers need int32 scratch (flags, scans, buckets). It is requested as one more
 result of the custom call, so XLA owns it and the handlers stay capturable in command buffers (no
@@ -97,8 +99,15 @@ def load_library(path, platform: str = "CUDA") -> None:
     _register(platform, capsules, path)
 
 
+LIBRARY_ENV = {"cpu": "JEM_FFI_CPU_LIBRARY", "CUDA": "JEM_FFI_CUDA_LIBRARY"}
+
 for _platform in _MODULES:
     _load_module(_platform)
+    if _platform not in _loaded and os.environ.get(LIBRARY_ENV[_platform]):
+        try:
+            load_library(os.environ[LIBRARY_ENV[_platform]], _platform)
+        except (OSError, AttributeError) as _e:
+            _missing[_platform] = f"{LIBRARY_ENV[_platform]}={os.environ[LIBRARY_ENV[_platform]]} could not be loaded ({_e})"
 
 
 # Scratch sizes in int32 elements; csrc/common.h, dispatch.h, regroup.h and segment_sum.h check them.
