@@ -65,7 +65,8 @@ def run_tests(lib, results):
     except ImportError as e:
         report(results, "test suite on GPU", True, f"skipped: {e}")
         return
-    env = dict(os.environ, JEM_FFI_CUDA_LIBRARY=lib, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = dict(os.environ, JEM_FFI_CUDA_LIBRARY=lib, JEM_FUZZ_EXAMPLES="8",  # GPU compiles are slower
+               PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_ep_ops.py",
            "tests/test_grouped_matmul.py"]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)

@@ -2,6 +2,7 @@
 
 Permutations (dispatch, regroup) must match exactly; the float32 sums (ungroup, combine) within 1e-6
 relative, bfloat16 within its rounding."""
+import os
 import warnings
 
 import jax
@@ -14,7 +15,7 @@ from jax_elastic_moe.ep import ffi, ops, reference
 
 # The default platform's kernels: CPU here; CUDA on a GPU machine (JEM_FFI_CUDA_LIBRARY, gpu_check.py).
 needs_ffi = pytest.mark.skipif(not ffi.available(), reason=ffi.missing_reason())
-FUZZ = settings(max_examples=20, deadline=None, derandomize=True)
+FUZZ = settings(max_examples=int(os.environ.get("JEM_FUZZ_EXAMPLES", "20")), deadline=None, derandomize=True)
 # Shapes come from small sets so that compiled executables are reused across examples (fast tests);
 # the contents (slots, -1 entries, duplicates, masks, values) are fuzzed freely.
 TOKENS = st.sampled_from([0, 3, 16])

@@ -3,6 +3,8 @@
 #ifndef JEM_CSRC_CPU_CPU_UTIL_H_
 #define JEM_CSRC_CPU_CPU_UTIL_H_
 
+#include <sys/mman.h>
+
 #include <cstdint>
 #include <cstring>
 
@@ -15,6 +17,20 @@ inline void CopyBytes(void* dst, const void* src, int64_t n) {
 }
 inline void ClearBytes(void* dst, int64_t n) {
   if (n > 0) std::memset(dst, 0, static_cast<size_t>(n));
+}
+
+// Large XLA CPU buffers usually come from fresh mmaps (malloc maps big blocks anew), so writing an
+// output first-touches every page; on a VM that costs more than the copy. Asking for transparent
+// huge pages on the aligned interior makes those faults 2 MiB at a time. Advice only: no effect on
+// contents, ignored where THP is off.
+inline void AdviseHugePages(void* p, int64_t bytes) {
+#ifdef MADV_HUGEPAGE
+  constexpr uintptr_t kHuge = uintptr_t{2} << 20;
+  if (bytes < static_cast<int64_t>(4 * kHuge)) return;
+  const uintptr_t begin = (reinterpret_cast<uintptr_t>(p) + kHuge - 1) & ~(kHuge - 1);
+  const uintptr_t end = (reinterpret_cast<uintptr_t>(p) + static_cast<uintptr_t>(bytes)) & ~(kHuge - 1);
+  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
+#endif
 }
 
 struct Bf16 {

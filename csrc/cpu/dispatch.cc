@@ -30,6 +30,7 @@ ffi::Error DispatchCpuImpl(ffi::AnyBuffer x, ffi::AnyBuffer slots, ffi::AnyBuffe
   int32_t* src = static_cast<int32_t*>(src_token->untyped_data());
   if (n_n == 0) return ffi::Error::Success();
 
+  AdviseHugePages(out_x, n_n * t_n * d.row_bytes);
   std::fill(cnt, cnt + n_n, 0);
   std::vector<int64_t> seen(n_n, -1);     // last token that wrote a row to each rank
   std::vector<int64_t> dest(k_n);         // destination rank of each entry of the current token, -1 none

@@ -27,6 +27,7 @@ ffi::Error RegroupCpuImpl(ffi::AnyBuffer rows, ffi::AnyBuffer row_slot, ffi::Any
   int32_t* e_row = static_cast<int32_t*>(entry_row->untyped_data());
   char* e_w = static_cast<char*>(entry_w->untyped_data());
 
+  AdviseHugePages(out, m * d.row_bytes);
   std::fill(sizes, sizes + s_n, 0);
   for (int64_t e = 0; e < entries; ++e)
     if (slot[e] >= 0 && slot[e] < s_n) ++sizes[slot[e]];

@@ -15,6 +15,7 @@ void SegmentSumTyped(const SegmentSum& s) {
   const int64_t h_n = s.hidden, r_n = s.rows;
   const T* in = static_cast<const T*>(s.in);
   T* out = static_cast<T*>(s.out);
+  AdviseHugePages(out, r_n * h_n * static_cast<int64_t>(sizeof(T)));
   std::vector<float> acc_buf;
   float* acc;
   if constexpr (std::is_same_v<T, float>) {
