@@ -1,7 +1,6 @@
-// CPU jem_ungroup / jem_combine: entries are added in ascending order into a float32 accumulator
-// (the output itself for float32), the order in which the reference's scatter-add adds them.
+// CPU jem_ungroup / jem_combine: each output row's entries are added in ascending order into a
+// float32 accumulator, the order in which the reference's scatter-add adds them.
 #include <algorithm>
-#include <type_traits>
 #include <vector>
 
 #include "../segment_sum.h"
@@ -10,43 +9,57 @@
 namespace jem {
 namespace {
 
+// Buckets the live entries by output row, keeping ascending entry order within a row (a stable
+// counting sort into the scratch buffer), then writes each output row once from a float32 row
+// accumulator. Same additions in the same order as a sequential scatter-add.
 template <typename T>
 void SegmentSumTyped(const SegmentSum& s) {
   const int64_t h_n = s.hidden, r_n = s.rows;
   const T* in = static_cast<const T*>(s.in);
   T* out = static_cast<T*>(s.out);
   AdviseHugePages(out, r_n * h_n * static_cast<int64_t>(sizeof(T)));
-  std::vector<float> acc_buf;
-  float* acc;
-  if constexpr (std::is_same_v<T, float>) {
-    acc = out;
-    std::fill(out, out + r_n * h_n, 0.0f);
-  } else {
-    acc_buf.assign(static_cast<size_t>(r_n * h_n), 0.0f);
-    acc = acc_buf.data();
+  int32_t* cursor = s.scratch;           // [R]
+  int32_t* offset = cursor + r_n;        // [R + 1]
+  int32_t* bucket = offset + r_n + 1;    // [E]
+  auto live_row = [&](int64_t e) -> int32_t {
+    const int32_t r = s.index[e];
+    if (r < 0 || r >= r_n) return -1;
+    if (s.active != nullptr && s.active[e / s.group_size] <= 0) return -1;
+    return r;
+  };
+  std::fill(cursor, cursor + r_n, 0);
+  for (int64_t e = 0; e < s.entries; ++e) {
+    const int32_t r = live_row(e);
+    if (r >= 0) ++cursor[r];
+  }
+  offset[0] = 0;
+  for (int64_t r = 0; r < r_n; ++r) {
+    offset[r + 1] = offset[r] + cursor[r];
+    cursor[r] = offset[r];
   }
   for (int64_t e = 0; e < s.entries; ++e) {
-    const int32_t r = s.index[e];
-    if (r < 0 || r >= r_n) continue;
-    if (s.active != nullptr && s.active[e / s.group_size] <= 0) continue;
-    float* a = acc + r * h_n;
-    const T* x = in + e * h_n;
-    if (s.weight != nullptr) {
-      const float w = LoadFloat(s.weight_dtype, s.weight, e);
-      for (int64_t h = 0; h < h_n; ++h) a[h] += w * ToFloat(x[h]);
-    } else {
-      for (int64_t h = 0; h < h_n; ++h) a[h] += ToFloat(x[h]);
-    }
+    const int32_t r = live_row(e);
+    if (r >= 0) bucket[cursor[r]++] = static_cast<int32_t>(e);
   }
-  if (std::is_same_v<T, float> && s.scale == nullptr) return;
+  std::vector<float> acc(static_cast<size_t>(h_n));
   for (int64_t r = 0; r < r_n; ++r) {
-    const float sc = s.scale != nullptr ? s.scale[r] : 1.0f;
-    const float* a = acc + r * h_n;
+    std::fill(acc.begin(), acc.end(), 0.0f);
+    for (int32_t j = offset[r]; j < offset[r + 1]; ++j) {
+      const int64_t e = bucket[j];
+      const T* x = in + e * h_n;
+      if (s.weight != nullptr) {
+        const float w = LoadFloat(s.weight_dtype, s.weight, e);
+        for (int64_t h = 0; h < h_n; ++h) acc[h] += w * ToFloat(x[h]);
+      } else {
+        for (int64_t h = 0; h < h_n; ++h) acc[h] += ToFloat(x[h]);
+      }
+    }
     T* o = out + r * h_n;
     if (s.scale != nullptr) {
-      for (int64_t h = 0; h < h_n; ++h) o[h] = FromFloat<T>(a[h] * sc);
+      const float sc = s.scale[r];
+      for (int64_t h = 0; h < h_n; ++h) o[h] = FromFloat<T>(acc[h] * sc);
     } else {
-      for (int64_t h = 0; h < h_n; ++h) o[h] = FromFloat<T>(a[h]);
+      for (int64_t h = 0; h < h_n; ++h) o[h] = FromFloat<T>(acc[h]);
     }
   }
 }
