@@ -13,6 +13,11 @@
 #define JEM_DECLARE_HANDLER(fn) \
   extern "C" __attribute__((visibility("default"))) XLA_FFI_Error* fn(XLA_FFI_CallFrame* call_frame)
 
+// One AnyBuffer argument / result of a handler binding: every handler here takes and returns plain
+// buffers and checks them itself (csrc/<feature>.h). Macros, as FFI bindings cannot be passed around.
+#define JEM_ARG .Arg<::xla::ffi::AnyBuffer>()
+#define JEM_RET .Ret<::xla::ffi::AnyBuffer>()
+
 #define JEM_RETURN_IF_ERROR(expr)            \
   do {                                       \
     ::xla::ffi::Error jem_err_ = (expr);     \

@@ -71,14 +71,6 @@ ffi::Error DispatchCpuImpl(ffi::AnyBuffer x, ffi::AnyBuffer slots, ffi::AnyBuffe
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JemDispatchCpu, jem::DispatchCpuImpl,
                               xla::ffi::Ffi::Bind()
-                                  .Arg<xla::ffi::AnyBuffer>()
-                                  .Arg<xla::ffi::AnyBuffer>()
-                                  .Arg<xla::ffi::AnyBuffer>()
-                                  .Arg<xla::ffi::AnyBuffer>()
-                                  .Ret<xla::ffi::AnyBuffer>()
-                                  .Ret<xla::ffi::AnyBuffer>()
-                                  .Ret<xla::ffi::AnyBuffer>()
-                                  .Ret<xla::ffi::AnyBuffer>()
-                                  .Ret<xla::ffi::AnyBuffer>()
-                                  .Ret<xla::ffi::AnyBuffer>()
+                                  JEM_ARG JEM_ARG JEM_ARG JEM_ARG
+                                  JEM_RET JEM_RET JEM_RET JEM_RET JEM_RET JEM_RET
                                   .Attr<int64_t>("slots_per_rank"));

@@ -59,12 +59,6 @@ ffi::Error RegroupCpuImpl(ffi::AnyBuffer rows, ffi::AnyBuffer row_slot, ffi::Any
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JemRegroupCpu, jem::RegroupCpuImpl,
                               xla::ffi::Ffi::Bind()
-                                  .Arg<xla::ffi::AnyBuffer>()
-                                  .Arg<xla::ffi::AnyBuffer>()
-                                  .Arg<xla::ffi::AnyBuffer>()
-                                  .Ret<xla::ffi::AnyBuffer>()
-                                  .Ret<xla::ffi::AnyBuffer>()
-                                  .Ret<xla::ffi::AnyBuffer>()
-                                  .Ret<xla::ffi::AnyBuffer>()
-                                  .Ret<xla::ffi::AnyBuffer>()
+                                  JEM_ARG JEM_ARG JEM_ARG
+                                  JEM_RET JEM_RET JEM_RET JEM_RET JEM_RET
                                   .Attr<int64_t>("slots_per_rank"));

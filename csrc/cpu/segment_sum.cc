@@ -47,20 +47,12 @@ void SegmentSumTyped(const SegmentSum& s) {
     for (int32_t j = offset[r]; j < offset[r + 1]; ++j) {
       const int64_t e = bucket[j];
       const T* x = in + e * h_n;
-      if (s.weight != nullptr) {
-        const float w = LoadFloat(s.weight_dtype, s.weight, e);
-        for (int64_t h = 0; h < h_n; ++h) acc[h] += w * ToFloat(x[h]);
-      } else {
-        for (int64_t h = 0; h < h_n; ++h) acc[h] += ToFloat(x[h]);
-      }
+      const float w = s.weight != nullptr ? LoadFloat(s.weight_dtype, s.weight, e) : 1.0f;  // * 1.0f is exact
+      for (int64_t h = 0; h < h_n; ++h) acc[h] += w * ToFloat(x[h]);
     }
     T* o = out + r * h_n;
-    if (s.scale != nullptr) {
-      const float sc = s.scale[r];
-      for (int64_t h = 0; h < h_n; ++h) o[h] = FromFloat<T>(acc[h] * sc);
-    } else {
-      for (int64_t h = 0; h < h_n; ++h) o[h] = FromFloat<T>(acc[h]);
-    }
+    const float sc = s.scale != nullptr ? s.scale[r] : 1.0f;
+    for (int64_t h = 0; h < h_n; ++h) o[h] = FromFloat<T>(acc[h] * sc);
   }
 }
 
@@ -93,17 +85,10 @@ ffi::Error CombineCpuImpl(ffi::AnyBuffer back, ffi::AnyBuffer src_token, ffi::An
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JemUngroupCpu, jem::UngroupCpuImpl,
                               xla::ffi::Ffi::Bind()
-                                  .Arg<xla::ffi::AnyBuffer>()
-                                  .Arg<xla::ffi::AnyBuffer>()
-                                  .Arg<xla::ffi::AnyBuffer>()
-                                  .Ret<xla::ffi::AnyBuffer>()
-                                  .Ret<xla::ffi::AnyBuffer>());
+                                  JEM_ARG JEM_ARG JEM_ARG
+                                  JEM_RET JEM_RET);
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JemCombineCpu, jem::CombineCpuImpl,
                               xla::ffi::Ffi::Bind()
-                                  .Arg<xla::ffi::AnyBuffer>()
-                                  .Arg<xla::ffi::AnyBuffer>()
-                                  .Arg<xla::ffi::AnyBuffer>()
-                                  .Arg<xla::ffi::AnyBuffer>()
-                                  .Ret<xla::ffi::AnyBuffer>()
-                                  .Ret<xla::ffi::AnyBuffer>());
+                                  JEM_ARG JEM_ARG JEM_ARG JEM_ARG
+                                  JEM_RET JEM_RET);

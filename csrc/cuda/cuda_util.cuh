@@ -77,6 +77,9 @@ template <> __device__ inline float FromFloat<float>(float f) { return f; }
 template <> __device__ inline __nv_bfloat16 FromFloat<__nv_bfloat16>(float f) { return __float2bfloat16_rn(f); }
 template <> __device__ inline __half FromFloat<__half>(float f) { return __float2half_rn(f); }
 
+// Start of a CUDA handler's binding: XLA's stream first.
+#define JEM_CUDA_BIND ::xla::ffi::Ffi::Bind().Ctx<::xla::ffi::PlatformStream<cudaStream_t>>()
+
 // out[0..n) = exclusive prefix sum of in[0..n), out[n] = total; scratch holds ScanScratchElems(n).
 ffi::Error ExclusiveScan(const int32_t* in, int32_t* out, int64_t n, int32_t* scratch, cudaStream_t stream,
                          const char* op);

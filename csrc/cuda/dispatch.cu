@@ -92,17 +92,8 @@ ffi::Error DispatchCudaImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffe
 }  // namespace jem
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JemDispatchCuda, jem::DispatchCudaImpl,
-                              xla::ffi::Ffi::Bind()
-                                  .Ctx<xla::ffi::PlatformStream<cudaStream_t>>()
-                                  .Arg<xla::ffi::AnyBuffer>()
-                                  .Arg<xla::ffi::AnyBuffer>()
-                                  .Arg<xla::ffi::AnyBuffer>()
-                                  .Arg<xla::ffi::AnyBuffer>()
-                                  .Ret<xla::ffi::AnyBuffer>()
-                                  .Ret<xla::ffi::AnyBuffer>()
-                                  .Ret<xla::ffi::AnyBuffer>()
-                                  .Ret<xla::ffi::AnyBuffer>()
-                                  .Ret<xla::ffi::AnyBuffer>()
-                                  .Ret<xla::ffi::AnyBuffer>()
+                              JEM_CUDA_BIND
+                                  JEM_ARG JEM_ARG JEM_ARG JEM_ARG
+                                  JEM_RET JEM_RET JEM_RET JEM_RET JEM_RET JEM_RET
                                   .Attr<int64_t>("slots_per_rank"),
                               {xla::ffi::Traits::kCmdBufferCompatible});

@@ -112,15 +112,8 @@ ffi::Error RegroupCudaImpl(cudaStream_t stream, ffi::AnyBuffer rows, ffi::AnyBuf
 }  // namespace jem
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JemRegroupCuda, jem::RegroupCudaImpl,
-                              xla::ffi::Ffi::Bind()
-                                  .Ctx<xla::ffi::PlatformStream<cudaStream_t>>()
-                                  .Arg<xla::ffi::AnyBuffer>()
-                                  .Arg<xla::ffi::AnyBuffer>()
-                                  .Arg<xla::ffi::AnyBuffer>()
-                                  .Ret<xla::ffi::AnyBuffer>()
-                                  .Ret<xla::ffi::AnyBuffer>()
-                                  .Ret<xla::ffi::AnyBuffer>()
-                                  .Ret<xla::ffi::AnyBuffer>()
-                                  .Ret<xla::ffi::AnyBuffer>()
+                              JEM_CUDA_BIND
+                                  JEM_ARG JEM_ARG JEM_ARG
+                                  JEM_RET JEM_RET JEM_RET JEM_RET JEM_RET
                                   .Attr<int64_t>("slots_per_rank"),
                               {xla::ffi::Traits::kCmdBufferCompatible});

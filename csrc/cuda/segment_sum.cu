@@ -83,15 +83,11 @@ __global__ void SegGather(const T* in, const void* weight, ffi::DataType w_dtype
     for (int32_t j = 0; j < n; ++j) {
       const int32_t e = small ? ids[j] : mine[j];
       const P v = reinterpret_cast<const P*>(in + e * h_n)[i];
-      if (weight != nullptr) {
-        const float w = small ? ws[j] : LoadWeight(weight, w_dtype, e);
-        for (int q = 0; q < kVec; ++q) acc[q] = __fadd_rn(acc[q], __fmul_rn(w, ToFloat(v.x[q])));
-      } else {
-        for (int q = 0; q < kVec; ++q) acc[q] = __fadd_rn(acc[q], ToFloat(v.x[q]));
-      }
+      const float w = small ? ws[j] : (weight != nullptr ? LoadWeight(weight, w_dtype, e) : 1.0f);
+      for (int q = 0; q < kVec; ++q) acc[q] = __fadd_rn(acc[q], __fmul_rn(w, ToFloat(v.x[q])));  // * 1.0f is exact
     }
     P o;
-    for (int q = 0; q < kVec; ++q) o.x[q] = FromFloat<T>(scale != nullptr ? __fmul_rn(acc[q], sc) : acc[q]);
+    for (int q = 0; q < kVec; ++q) o.x[q] = FromFloat<T>(__fmul_rn(acc[q], sc));
     reinterpret_cast<P*>(out + r * h_n)[i] = o;
   }
 }
@@ -162,22 +158,13 @@ ffi::Error CombineCudaImpl(cudaStream_t stream, ffi::AnyBuffer back, ffi::AnyBuf
 }  // namespace jem
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JemUngroupCuda, jem::UngroupCudaImpl,
-                              xla::ffi::Ffi::Bind()
-                                  .Ctx<xla::ffi::PlatformStream<cudaStream_t>>()
-                                  .Arg<xla::ffi::AnyBuffer>()
-                                  .Arg<xla::ffi::AnyBuffer>()
-                                  .Arg<xla::ffi::AnyBuffer>()
-                                  .Ret<xla::ffi::AnyBuffer>()
-                                  .Ret<xla::ffi::AnyBuffer>(),
+                              JEM_CUDA_BIND
+                                  JEM_ARG JEM_ARG JEM_ARG
+                                  JEM_RET JEM_RET,
                               {xla::ffi::Traits::kCmdBufferCompatible});
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JemCombineCuda, jem::CombineCudaImpl,
-                              xla::ffi::Ffi::Bind()
-                                  .Ctx<xla::ffi::PlatformStream<cudaStream_t>>()
-                                  .Arg<xla::ffi::AnyBuffer>()
-                                  .Arg<xla::ffi::AnyBuffer>()
-                                  .Arg<xla::ffi::AnyBuffer>()
-                                  .Arg<xla::ffi::AnyBuffer>()
-                                  .Ret<xla::ffi::AnyBuffer>()
-                                  .Ret<xla::ffi::AnyBuffer>(),
+                              JEM_CUDA_BIND
+                                  JEM_ARG JEM_ARG JEM_ARG JEM_ARG
+                                  JEM_RET JEM_RET,
                               {xla::ffi::Traits::kCmdBufferCompatible});

@@ -93,6 +93,16 @@ def _non_negative(op, name, v):
         _fail(op, f"{name} must be a non-negative Python int (static), got {v!r}")
 
 
+def _check_rows_with_slots(op, rows_name, rows, slots_name, slots, w_name, w, slots_per_rank):
+    """rows [R, H], slots [R, K] integer, w [R, K], slots_per_rank a positive int."""
+    _rank(op, rows_name, rows, 2)
+    _rank(op, slots_name, slots, 2)
+    _integer(op, slots_name, slots)
+    _same_shape(op, slots_name, slots, (rows.shape[0], slots.shape[1]))
+    _same_shape(op, w_name, w, slots.shape)
+    _positive(op, "slots_per_rank", slots_per_rank)
+
+
 def dispatch(x, slots, weights, num_ranks, slots_per_rank, *, active=None, backend="auto"):
     """Groups token rows by destination rank (reference.dispatch).
 
@@ -100,13 +110,8 @@ def dispatch(x, slots, weights, num_ranks, slots_per_rank, *, active=None, backe
     Returns (send_x [N, T, H], send_slot [N, T, K] int32, send_w [N, T, K], counts [N] int32,
     src_token [N, T] int32)."""
     op = "dispatch"
-    _rank(op, "x", x, 2)
-    _rank(op, "slots", slots, 2)
-    _integer(op, "slots", slots)
-    _same_shape(op, "slots", slots, (x.shape[0], slots.shape[1]))
-    _same_shape(op, "weights", weights, slots.shape)
+    _check_rows_with_slots(op, "x", x, "slots", slots, "weights", weights, slots_per_rank)
     _positive(op, "num_ranks", num_ranks)
-    _positive(op, "slots_per_rank", slots_per_rank)
     if active is not None:
         _integer(op, "active", active)
         _same_shape(op, "active", active, (num_ranks,))
@@ -119,13 +124,7 @@ def regroup(rows, row_slot, row_w, slots_per_rank, *, backend="auto"):
     rows [M0, H]; row_slot [M0, K] int local slot or -1; row_w [M0, K].
     Returns (grouped [M, H], group_sizes [S] int32, entry_row [M] int32, entry_w [M]),
     M = M0 * min(K, S)."""
-    op = "regroup"
-    _rank(op, "rows", rows, 2)
-    _rank(op, "row_slot", row_slot, 2)
-    _integer(op, "row_slot", row_slot)
-    _same_shape(op, "row_slot", row_slot, (rows.shape[0], row_slot.shape[1]))
-    _same_shape(op, "row_w", row_w, row_slot.shape)
-    _positive(op, "slots_per_rank", slots_per_rank)
+    _check_rows_with_slots("regroup", "rows", rows, "row_slot", row_slot, "row_w", row_w, slots_per_rank)
     return _impl(backend).regroup(rows, row_slot, row_w, slots_per_rank)
 
 
