@@ -80,8 +80,8 @@ def _load_module(platform: str) -> None:
     try:
         module = importlib.import_module(_MODULES[platform])
         _register(platform, module.handlers(), module.__file__)
-    except (ImportError, OSError) as e:
-        _missing[platform] = f"module {_MODULES[platform]} could not be loaded ({e})"
+    except Exception as e:  # never fail the import: a missing or broken build means the reference is used
+        _missing[platform] = f"module {_MODULES[platform]} could not be loaded ({type(e).__name__}: {e})"
 
 
 def load_library(path, platform: str = "CUDA") -> None:
@@ -106,8 +106,9 @@ for _platform in _MODULES:
     if _platform not in _loaded and os.environ.get(LIBRARY_ENV[_platform]):
         try:
             load_library(os.environ[LIBRARY_ENV[_platform]], _platform)
-        except (OSError, AttributeError) as _e:
-            _missing[_platform] = f"{LIBRARY_ENV[_platform]}={os.environ[LIBRARY_ENV[_platform]]} could not be loaded ({_e})"
+        except Exception as _e:  # as above
+            _missing[_platform] = (f"{LIBRARY_ENV[_platform]}={os.environ[LIBRARY_ENV[_platform]]} could not be "
+                                   f"loaded ({type(_e).__name__}: {_e})")
 
 
 # Scratch sizes in int32 elements; csrc/common.h, dispatch.h, regroup.h and segment_sum.h check them.

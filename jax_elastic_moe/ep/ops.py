@@ -52,7 +52,7 @@ def resolve_backend(backend: str = "auto", *, dtypes=(), platform: str | None = 
         if platform not in _warned:
             _warned.add(platform)
             warnings.warn(ffi.missing_reason(platform) + "; using the pure-JAX reference", RuntimeWarning,
-                          stacklevel=3)
+                          stacklevel=4)  # the caller of ops.<op>
         return "jax"
     if any(jnp.dtype(d) not in ffi.FLOAT_DTYPES for d in dtypes):
         return "jax"
