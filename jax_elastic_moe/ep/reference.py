@@ -46,10 +46,11 @@ def choose_slots(topk_ids, token_index, log2phy, active, slots_per_rank):
     return jnp.where(cnt > 0, slot, -1).astype(jnp.int32)
 
 
-def dispatch(x, slots, weights, num_ranks, slots_per_rank):
+def dispatch(x, slots, weights, num_ranks, slots_per_rank, *, active=None):
     """Groups token rows by destination rank.
 
-    x [T, H]; slots [T, K] int32 global slots (-1 = none); weights [T, K].
+    x [T, H]; slots [T, K] int32 global slots (-1 = none); weights [T, K]; active [N] int32 0/1 or
+    None (all ranks): rows for inactive ranks are never sent (their entries count as none).
     Returns (send_x [N, T, H], send_slot [N, T, K] int32 local slot or -1, send_w [N, T, K],
     counts [N] int32, src_token [N, T] int32 token of each row or -1). Row j of destination d is
     the j-th token (ascending) with an entry on rank d; rows past counts[d] are zero / -1."""
@@ -57,6 +58,8 @@ def dispatch(x, slots, weights, num_ranks, slots_per_rank):
     dest = jnp.where(slots >= 0, slots // slots_per_rank, -1)                    # [T, K]
     ranks = jnp.arange(num_ranks, dtype=jnp.int32)
     on_rank = dest[None, :, :] == ranks[:, None, None]                           # [N, T, K]
+    if active is not None:
+        on_rank = on_rank & (active[:, None, None] > 0)
     has = on_rank.any(-1)                                                         # [N, T]
     pos = jnp.cumsum(has, axis=1, dtype=jnp.int32) - 1
     row = jnp.where(has, pos, num_tokens)                                         # out of range = drop
@@ -100,14 +103,32 @@ def ungroup(entry_out, entry_row, entry_w, num_rows):
     return out.astype(entry_out.dtype)
 
 
-def combine(back, src_token, active, num_tokens):
+def combine(back, src_token, active, num_tokens, *, renormalize=False, send_w=None):
     """back [N, C, H] rows returned by each destination; src_token [N, C] (-1 pad); active [N].
-    Returns [num_tokens, H]: per token the sum of its rows over active destinations (float32 sum)."""
+    Returns [num_tokens, H]: per token the sum of its rows over active destinations (float32 sum).
+
+    renormalize=True (needs send_w [N, C, K], the weights dispatch sent with each row) multiplies
+    each token's sum by live_weight_scale(...): 1 / (sum of its top-k weights on active ranks), 0
+    where none is live, so the weights of the live entries are renormalised to sum to one."""
     use = (src_token >= 0) & (active[:, None] > 0)
     idx = jnp.where(use, src_token, num_tokens).reshape(-1)
     vals = jnp.where(use[..., None], back.astype(jnp.float32), 0).reshape(-1, back.shape[-1])
     out = jnp.zeros((num_tokens, back.shape[-1]), jnp.float32).at[idx].add(vals, mode="drop")
+    if renormalize:
+        out = out * live_weight_scale(send_w, src_token, active, num_tokens)[:, None]
     return out.astype(back.dtype)
+
+
+def live_weight_scale(send_w, src_token, active, num_tokens):
+    """send_w [N, C, K], src_token [N, C], active [N] -> [num_tokens] float32: 1 / (sum of each
+    token's weights in rows on active ranks), 0 for a token with no live weight."""
+    if send_w is None:
+        raise ValueError("combine(renormalize=True) needs send_w, the [N, C, K] weights from dispatch")
+    use = (src_token >= 0) & (active[:, None] > 0)
+    row_w = jnp.where(use, send_w.astype(jnp.float32).sum(-1), 0).reshape(-1)
+    idx = jnp.where(use, src_token, num_tokens).reshape(-1)
+    total = jnp.zeros((num_tokens,), jnp.float32).at[idx].add(row_w, mode="drop")
+    return jnp.where(total > 0, 1.0 / jnp.where(total > 0, total, 1.0), 0.0)
 
 
 def expert_mlp(grouped, group_sizes, w_gate, w_up, w_down):

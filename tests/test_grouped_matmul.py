@@ -1,0 +1,93 @@
+"""grouped_matmul / expert_mlp: the ragged_dot path against the reference, and the per-shape choice of
+Mosaic GPU tile configs with its fallback (the compile probe is replaced where no GPU is present)."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jax_elastic_moe.ep import grouped_matmul as gm
+from jax_elastic_moe.ep import reference
+
+
+def make_experts(seed, m, h, i, groups, dtype=jnp.float32):
+    rng = np.random.default_rng(seed)
+    sizes = rng.multinomial(m - 2, np.ones(groups) / groups).astype(np.int32)  # 2 padding rows at the end
+    x = jnp.asarray(rng.standard_normal((m, h)), dtype)
+    w_gate, w_up = (jnp.asarray(rng.standard_normal((groups, h, i)) / np.sqrt(h), dtype) for _ in range(2))
+    w_down = jnp.asarray(rng.standard_normal((groups, i, h)) / np.sqrt(i), dtype)
+    return x, jnp.asarray(sizes), w_gate, w_up, w_down
+
+
+def test_ragged_dot_path_equals_reference():
+    x, sizes, w_gate, w_up, w_down = make_experts(0, 24, 16, 8, 3)
+    np.testing.assert_array_equal(np.asarray(gm.grouped_matmul(x, w_gate, sizes)),
+                                  np.asarray(jax.lax.ragged_dot(x, w_gate, sizes)))
+    got = gm.expert_mlp(x, sizes, w_gate, w_up, w_down)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(reference.expert_mlp(x, sizes, w_gate, w_up, w_down)))
+    assert not np.asarray(got[-2:]).any()  # rows past sum(group_sizes) are zero
+
+
+def test_fused_gate_up_equals_separate():
+    x, sizes, w_gate, w_up, w_down = make_experts(1, 20, 8, 4, 2)
+    fused = gm.expert_mlp(x, sizes, jnp.concatenate([w_gate, w_up], axis=-1), None, w_down)
+    np.testing.assert_allclose(np.asarray(fused), np.asarray(gm.expert_mlp(x, sizes, w_gate, w_up, w_down)),
+                               rtol=1e-6, atol=1e-6)
+
+
+def test_first_working_config_skips_misfits_and_failures():
+    tried = []
+
+    def probe(config, m, k, n, groups, dtype):
+        tried.append(config)
+        if config["max_concurrent_steps"] == 5:
+            raise ValueError("Mosaic GPU kernel exceeds available shared memory")
+
+    # n = 256: configs needing block_n * grid_block_n = 512 do not divide it and are never probed
+    got = gm.first_working_config(gm.MGPU_CONFIGS, 4096, 7168, 256, 16, jnp.bfloat16, probe)
+    assert got == gm.MGPU_CONFIGS[2]
+    assert tried == [gm.MGPU_CONFIGS[2]]
+    got = gm.first_working_config(gm.MGPU_CONFIGS, 4096, 7168, 4096, 16, jnp.bfloat16, probe)
+    assert got == gm.MGPU_CONFIGS[1]
+    reasons = gm.rejected[(4096, 7168, 4096, 16, "bfloat16")]
+    assert "shared memory" in reasons[0][1]
+
+    def never(*args):
+        raise ValueError("no")
+
+    assert gm.first_working_config(gm.MGPU_CONFIGS, 64, 64, 64, 2, jnp.bfloat16, never) is None
+    assert gm.first_working_config(gm.MGPU_CONFIGS, 64, 100, 64, 2, jnp.bfloat16, probe) is None  # k % 64
+
+
+@pytest.mark.skipif(gm.is_hopper(), reason="the Mosaic GPU kernel compiles on Hopper")
+def test_mgpu_unavailable_falls_back_to_ragged_dot(caplog):
+    """Off Hopper the Mosaic kernel cannot compile: every config is rejected and ragged_dot is used."""
+    x, sizes, w_gate, _, _ = make_experts(2, 16, 64, 128, 2, jnp.bfloat16)
+    with caplog.at_level("WARNING"):
+        got = gm.grouped_matmul(x, w_gate, sizes, impl="mgpu")
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(jax.lax.ragged_dot(x, w_gate, sizes)))
+    assert "no ragged_dot_mgpu tile config works" in caplog.text
+    assert gm.choose_config(16, 64, 128, 2, "bfloat16") is None
+
+
+def test_bad_shapes_and_impls():
+    x, sizes, w_gate, _, _ = make_experts(3, 8, 4, 4, 2)
+    with pytest.raises(ValueError, match="shapes do not fit"):
+        gm.grouped_matmul(x[:, :3], w_gate, sizes)
+    with pytest.raises(ValueError, match="impl must be one of"):
+        gm.grouped_matmul(x, w_gate, sizes, impl="triton")
+    with pytest.raises(ValueError, match="ragged_dot_mgpu needs equal bfloat16"):
+        gm.grouped_matmul(x, w_gate, sizes, impl="mgpu")
+
+
+@pytest.mark.skipif(not gm.is_hopper(), reason="needs a Hopper GPU")
+def test_mgpu_matches_ragged_dot_on_hopper():
+    x, sizes, w_gate, w_up, w_down = make_experts(4, 1024, 512, 256, 4, jnp.bfloat16)
+    assert gm.choose_config(1024, 512, 256, 4, "bfloat16") is not None
+    got = gm.grouped_matmul(x, w_gate, sizes, impl="mgpu")
+    want = jax.lax.ragged_dot(x, w_gate, sizes)
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=2e-2, atol=2e-2)
+    assert not np.asarray(got[-2:], np.float32).any()
+    mlp = gm.expert_mlp(x, sizes, w_gate, w_up, w_down)
+    ref = reference.expert_mlp(x, sizes, w_gate, w_up, w_down)
+    err = np.linalg.norm(np.asarray(mlp, np.float32) - np.asarray(ref, np.float32)) / np.linalg.norm(np.asarray(ref, np.float32))
+    assert err < 2e-2
