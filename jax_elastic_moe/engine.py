@@ -94,7 +94,8 @@ class Engine:
                  backup: str | None = "host", precompile_fallbacks: bool = False,
                  compilation_cache_dir: str | None = None, mode: str = "spmd", source: dict | None = None,
                  exchange_timeout: float = 0.5, heartbeat_interval: float = 0.2, heartbeat_timeout: float = 3.0,
-                 spawn_workers: bool = True, controller_endpoint: str = "tcp://127.0.0.1:0"):
+                 spawn_workers: bool = True, controller_endpoint: str = "tcp://127.0.0.1:0",
+                 ep_backend: str = "auto"):
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
         if redundant_experts < 0:
@@ -131,14 +132,14 @@ class Engine:
                         if backup == "host" else None)
         if mode == "spmd":
             self._devices = local_devices(num_ranks)
-            self._runner = SpmdRunner.create(cfg, DTYPES[dtype], self._devices, placement, params)
+            self._runner = SpmdRunner.create(cfg, DTYPES[dtype], self._devices, placement, params, ep_backend)
         else:
             from .runtime.mooncake import MooncakeRuntime
             self._devices = []
             self._runner = MooncakeRuntime(cfg, source, dtype, num_ranks, placement, self._backup,
                                            exchange_timeout=exchange_timeout, heartbeat_interval=heartbeat_interval,
                                            heartbeat_timeout=heartbeat_timeout, spawn=spawn_workers,
-                                           endpoint=controller_endpoint)
+                                           endpoint=controller_endpoint, backend=ep_backend)
         self._failures: list[tuple] = []      # (rank, how, at_step, delay_s) injected, not yet fired
         self._fail_lock = threading.Lock()
         self._precompile = precompile_fallbacks
@@ -379,7 +380,8 @@ class Engine:
                 except EngineDead:
                     continue
                 shadow = SpmdRunner(self.cfg, DTYPES[self.dtype], [devices[k] for k in keep],
-                                    compact(p, np.isin(np.arange(self.num_ranks), keep)), None)
+                                    compact(p, np.isin(np.arange(self.num_ranks), keep)), None,
+                                    self._runner.backend)
                 self._fallbacks[frozenset(keep)] = shadow.precompile(
                     [self._resume_shape(name, len(keep)) for name in shapes])
         self._fallback_thread = threading.Thread(target=work, daemon=True, name="jem-precompile")

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ..config import ModelConfig
+from ..ep import grouped_matmul, ops
 from ..ep import reference as ep
 from .layers import MLP, Linear, normal
 
@@ -32,6 +33,7 @@ class EPContext:
     # exchange(arrays, moe_layer, phase) -> arrays received: the host transport of the multi-process
     # runtime (phase 0 sends [N, T, ...] rows to their ranks, phase 1 returns them); None: all_to_all
     exchange: Callable | None = None
+    backend: str = "auto"   # EP data-path ops: "jax" (reference), "ffi" (native kernels), "auto"
 
 
 def _exchange(ctx: EPContext, arrays: list, moe_layer: int, phase: int) -> list:
@@ -77,15 +79,16 @@ def routed_experts(x, ids, weights, w_gate, w_up, w_down, log2phy, ctx: EPContex
     n, spr = ctx.num_ranks, ctx.slots_per_rank
     t = x.shape[0]
     slots = ep.choose_slots(ids, ctx.token_index, log2phy, ctx.active, spr)
-    send_x, send_slot, send_w, _, src_token = ep.dispatch(x, slots, weights.astype(x.dtype), n, spr)
+    be = ctx.backend
+    send_x, send_slot, send_w, _, src_token = ops.dispatch(x, slots, weights.astype(x.dtype), n, spr, backend=be)
     send_x, send_slot, send_w = _exchange(ctx, [send_x, send_slot, send_w], moe_layer, 0)
     k = send_slot.shape[-1]
-    grouped, sizes, entry_row, entry_w = ep.regroup(send_x.reshape(n * t, -1), send_slot.reshape(n * t, k),
-                                                    send_w.reshape(n * t, k), spr)
-    y = ep.expert_mlp(grouped, sizes, w_gate, w_up, w_down)
-    rows = ep.ungroup(y, entry_row, entry_w, n * t).reshape(n, t, -1)
+    grouped, sizes, entry_row, entry_w = ops.regroup(send_x.reshape(n * t, -1), send_slot.reshape(n * t, k),
+                                                     send_w.reshape(n * t, k), spr, backend=be)
+    y = grouped_matmul.expert_mlp(grouped, sizes, w_gate, w_up, w_down)
+    rows = ops.ungroup(y, entry_row, entry_w, n * t, backend=be).reshape(n, t, -1)
     (rows,) = _exchange(ctx, [rows], moe_layer, 1)
-    return ep.combine(rows, src_token, ctx.active, t)
+    return ops.combine(rows, src_token, ctx.active, t, backend=be)
 
 
 class MoEBlock(nnx.Module):

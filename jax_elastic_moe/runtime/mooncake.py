@@ -57,7 +57,8 @@ class MooncakeRuntime:
     def __init__(self, cfg, source: dict, dtype: str, num_ranks: int, placement: Placement,
                  backup: dict | None, *, exchange_timeout: float = 0.5, heartbeat_interval: float = 0.2,
                  heartbeat_timeout: float = 3.0, start_timeout: float = 300.0, max_rows: int = 4096,
-                 endpoint: str = "tcp://127.0.0.1:0", spawn: bool = True, worker_host: str = "127.0.0.1"):
+                 endpoint: str = "tcp://127.0.0.1:0", spawn: bool = True, worker_host: str = "127.0.0.1",
+                 backend: str = "auto"):
         register_messages()
         self.cfg, self.source, self.dtype = cfg, source, dtype
         self.num_ranks, self.spr = num_ranks, placement.slots_per_rank
@@ -66,7 +67,7 @@ class MooncakeRuntime:
         self.exchange_timeout, self.max_rows = exchange_timeout, max_rows
         self.heartbeat_interval = heartbeat_interval
         self.start_timeout = start_timeout
-        self.worker_host = worker_host
+        self.worker_host, self.backend = worker_host, backend
         self.moe_layer_ids = [i for i, m in enumerate(cfg.moe_layers) if m]
         self.live: list[int] = list(range(num_ranks))
         self.active = np.ones(num_ranks, np.int32)
@@ -123,7 +124,7 @@ class MooncakeRuntime:
                        phy2log=self.placement.phy2log.tolist(), log2phy=self.placement.log2phy.tolist(),
                        active=self.active.tolist(), exchange_timeout=self.exchange_timeout,
                        heartbeat_endpoint=self.heartbeat_endpoint, heartbeat_interval=self.heartbeat_interval,
-                       incarnation=new_incarnation())
+                       incarnation=new_incarnation(), backend=self.backend)
 
     def _recv(self, deadline: float, what: str):
         try:

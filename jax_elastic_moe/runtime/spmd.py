@@ -45,8 +45,9 @@ class SpmdRunner:
     placement: over this mesh's ranks (N' = len(devices)); params: {key: jax.Array} placed on the mesh,
     or None for a runner that only compiles (a precompiled fallback for a future mesh)."""
 
-    def __init__(self, cfg: ModelConfig, dtype, devices, placement: Placement, params: dict | None):
-        self.cfg, self.dtype = cfg, dtype
+    def __init__(self, cfg: ModelConfig, dtype, devices, placement: Placement, params: dict | None,
+                 backend: str = "auto"):
+        self.cfg, self.dtype, self.backend = cfg, dtype, backend
         self.devices = list(devices)
         self.num_ranks = len(self.devices)
         if placement.num_ranks != self.num_ranks:
@@ -65,9 +66,10 @@ class SpmdRunner:
 
     # -- construction -----------------------------------------------------------------------------
     @classmethod
-    def create(cls, cfg, dtype, devices, placement: Placement, host_params: dict[tuple, np.ndarray]):
+    def create(cls, cfg, dtype, devices, placement: Placement, host_params: dict[tuple, np.ndarray],
+               backend: str = "auto"):
         """From host weights with experts in logical layout [E, ...]."""
-        run = cls(cfg, dtype, devices, placement, None)
+        run = cls(cfg, dtype, devices, placement, None, backend)
         params = {}
         for path, _ in run._variables:
             if path not in host_params:
@@ -96,7 +98,7 @@ class SpmdRunner:
         Dense weights come from the survivors' own replicas; an expert slot keeps its weights when
         it already held that expert, else copies them from a surviving replica, else from `backup`
         (host memory, logical layout). Returns (runner, counts of copies by source)."""
-        new = SpmdRunner(self.cfg, self.dtype, [self.devices[k] for k in keep], placement, None)
+        new = SpmdRunner(self.cfg, self.dtype, [self.devices[k] for k in keep], placement, None, self.backend)
         if compiled:
             new._compiled.update(compiled)
         spr, old_spr = placement.slots_per_rank, self.slots_per_rank
@@ -156,7 +158,8 @@ class SpmdRunner:
         seq = rank * b + jnp.arange(b, dtype=jnp.int32)
         token_index = (seq[:, None] * 7919 + positions).reshape(-1).astype(jnp.int32)
         ctx = EPContext(log2phy=log2phy, active=active, token_index=token_index, valid=valid.reshape(-1),
-                        num_ranks=self.num_ranks, slots_per_rank=self.slots_per_rank, axis_name=EP_AXIS)
+                        num_ranks=self.num_ranks, slots_per_rank=self.slots_per_rank, axis_name=EP_AXIS,
+                        backend=self.backend)
         return model(tokens, positions, cache, ctx), model
 
     def _param_specs(self):

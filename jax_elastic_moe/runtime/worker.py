@@ -56,6 +56,7 @@ class Worker:
         self.dtype = DTYPES[msg["dtype"]]
         self.num_ranks, self.spr = int(msg["num_ranks"]), int(msg["slots_per_rank"])
         self.max_rows = int(msg["max_rows"])
+        self.backend = msg.get("backend", "auto")
         if msg.get("checkpoint"):
             _, params = load_checkpoint(msg["checkpoint"], self.dtype)
         else:
@@ -195,7 +196,7 @@ class Worker:
             ctx = EPContext(log2phy=log2phy, active=active,
                             token_index=(seqs[:, None] * 7919 + positions).reshape(-1).astype(jnp.int32),
                             valid=valid.reshape(-1), num_ranks=self.num_ranks, slots_per_rank=self.spr,
-                            axis_name=None, exchange=self._exchange_fn(step))
+                            axis_name=None, exchange=self._exchange_fn(step), backend=self.backend)
             if cache is None:
                 cache = model.empty_cache(b, cache_len)
             hidden, cache, counts = model(tokens, positions, cache, ctx)
