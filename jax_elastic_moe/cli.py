@@ -1,4 +1,5 @@
-"""`jem`: the command line. Subcommands: generate, plan (placement planner)."""
+"""`jem`: the command line. Subcommands: generate, demo (the elastic demo), worker (ranks of a
+multi-host engine), plan (placement planner)."""
 from __future__ import annotations
 
 import argparse
@@ -52,6 +53,46 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_demo(args) -> int:
+    """The elastic demo: batch generation on N ranks, one killed mid-run; the recovery timeline, and
+    the tokens against a run with no failure."""
+    _use_cpu_devices(max(args.ranks, 1))
+    import jax_elastic_moe as jem
+    prompts = _random_prompts(args.num_prompts, args.prompt_len, 2048, args.seed)
+    print(f"reference: {args.config}, one device, no failure ...", flush=True)
+    with jem.Engine.from_config(args.config, num_ranks=1, seed=args.seed) as ref:
+        prompts = _random_prompts(args.num_prompts, args.prompt_len, ref.cfg.vocab_size, args.seed)
+        want = [o.token_ids for o in ref.generate(prompts, max_new_tokens=args.max_new_tokens, stop_token_ids=[])]
+    print(f"starting {args.ranks} ranks (mode={args.mode}), {args.redundant} redundant experts ...", flush=True)
+    t0 = time.perf_counter()
+    kw = {"mode": args.mode} if args.mode != "spmd" else {}
+    with jem.Engine.from_config(args.config, num_ranks=args.ranks, redundant_experts=args.redundant,
+                                seed=args.seed, **kw) as eng:
+        print(f"  ready in {time.perf_counter() - t0:.1f} s; warm-up batch ...", flush=True)
+        eng.generate(prompts, max_new_tokens=args.max_new_tokens, stop_token_ids=[])
+        eng.wait_fallbacks()
+        print(f"generating {len(prompts)} requests x {args.max_new_tokens} tokens; rank {args.kill} is killed "
+              f"at decode step {args.at_step}", flush=True)
+        eng.fail_rank(args.kill, how=args.how, at_step=args.at_step)
+        t1 = time.perf_counter()
+        outs = eng.generate(prompts, max_new_tokens=args.max_new_tokens, stop_token_ids=[], progress=not args.quiet)
+        wall = time.perf_counter() - t1
+        st = eng.stats()
+    got = [o.token_ids for o in outs]
+    print(f"\nrecovery timeline (epoch {st['epoch']}, alive ranks {st['alive_ranks']}):")
+    for rec in st["recoveries"]:
+        print(f"  failed ranks {rec['failed_ranks']}: detect {rec['detect_s'] * 1e3:.0f} ms, decide "
+              f"{rec['decide_s'] * 1e3:.0f} ms, restore weights {rec['restore_s'] * 1e3:.0f} ms "
+              f"({rec['moved_experts']} expert copies, {rec['restored_from_backup']} from the host backup), "
+              f"compile {rec['compile_s'] * 1e3:.0f} ms, resume {rec['resume_s'] * 1e3:.0f} ms; "
+              f"interruption {rec['total_s'] * 1e3:.0f} ms; {rec['requests_requeued']} requests re-queued")
+    lost = sum(len(t) != args.max_new_tokens for t in got)
+    same = got == want
+    print(f"{len(got)} requests done in {wall:.1f} s, {lost} lost; tokens identical to the run with no "
+          f"failure: {same}")
+    return 0 if same and lost == 0 and st["recoveries"] else 1
+
+
 def cmd_plan(args_list) -> int:
     from .placement.planner import main as plan_main
     return plan_main(args_list)
@@ -80,11 +121,47 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--show", type=int, default=4, help="print the first N outputs")
     g.add_argument("--json", help="write outputs and timing to this file")
     g.add_argument("--quiet", action="store_true")
+    d = sub.add_parser("demo", help="the elastic demo: generation on N ranks with one killed mid-run")
+    d.add_argument("--config", default="small")
+    d.add_argument("--mode", default="mooncake", choices=["mooncake", "spmd"])
+    d.add_argument("--ranks", type=int, default=4)
+    d.add_argument("--redundant", type=int, default=4)
+    d.add_argument("--kill", type=int, default=1, help="the rank to fail")
+    d.add_argument("--how", default="kill", choices=["kill", "hang", "slow", "drop"])
+    d.add_argument("--at-step", type=int, default=8)
+    d.add_argument("--num-prompts", type=int, default=8)
+    d.add_argument("--prompt-len", type=int, default=24)
+    d.add_argument("--max-new-tokens", type=int, default=24)
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--quiet", action="store_true")
+    w = sub.add_parser("worker", help="run one rank of a multi-process engine whose controller is elsewhere")
+    w.add_argument("--controller", required=True, help="tcp://HOST:PORT of the engine's control server")
+    w.add_argument("--rank-range", required=True, help="ranks to run here, e.g. 4-7")
+    w.add_argument("--host", default="127.0.0.1", help="this host's address for Mooncake")
     sub.add_parser("plan", help="expert placement availability planner (see `jem plan --help`)")
     args = ap.parse_args(argv)
     if args.cmd == "generate":
         return cmd_generate(args)
+    if args.cmd == "demo":
+        return cmd_demo(args)
+    if args.cmd == "worker":
+        return cmd_worker(args)
     return 0
+
+
+def cmd_worker(args) -> int:
+    """Starts the ranks of --rank-range on this host, each its own process, joined to the controller."""
+    import subprocess
+    lo, _, hi = args.rank_range.partition("-")
+    ranks = range(int(lo), int(hi or lo) + 1)
+    procs = [subprocess.Popen([sys.executable, "-m", "jax_elastic_moe.runtime.worker", "--controller",
+                               args.controller, "--rank", str(r), "--host", args.host]) for r in ranks]
+    try:
+        return max(p.wait() for p in procs)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
 
 
 if __name__ == "__main__":

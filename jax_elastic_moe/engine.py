@@ -93,7 +93,7 @@ class Engine:
                  recovery_policy: str = "deepseek_global", max_batch_size: int = 64, load_window: int = 64,
                  backup: str | None = "host", precompile_fallbacks: bool = False,
                  compilation_cache_dir: str | None = None, mode: str = "spmd", source: dict | None = None,
-                 exchange_timeout: float = 0.5, heartbeat_interval: float = 0.2, heartbeat_timeout: float = 3.0,
+                 exchange_timeout: float = 1.0, heartbeat_interval: float = 0.2, heartbeat_timeout: float = 3.0,
                  spawn_workers: bool = True, controller_endpoint: str = "tcp://127.0.0.1:0",
                  ep_backend: str = "auto"):
         if dtype not in DTYPES:
@@ -150,6 +150,8 @@ class Engine:
         self._last_good = time.perf_counter()
         self._batch_shapes: list = []
         self.step_log: list[tuple[float, int]] = []    # (time.perf_counter() at the end, tokens made)
+        self.transient_retries = 0          # steps run again after a timeout with nobody dead
+        self._exchange_timeout = exchange_timeout
 
     # -- construction -----------------------------------------------------------------------------
     @classmethod
@@ -320,7 +322,7 @@ class Engine:
         """The epoch, active ranks, and one record per recovery."""
         return {"mode": self.mode, "epoch": self._controller.epoch.number,
                 "active_ranks": np.nonzero(self._active)[0].tolist(),
-                "alive_ranks": np.nonzero(self.alive)[0].tolist(),
+                "alive_ranks": np.nonzero(self.alive)[0].tolist(), "transient_retries": self.transient_retries,
                 "recoveries": [r.as_dict() for r in self._controller.records]}
 
     def _recover(self, failure: RankFailure, requeued: int):
@@ -492,12 +494,22 @@ class Engine:
         for start in range(0, len(reqs), self.max_batch_size):
             chunk = reqs[start:start + self.max_batch_size]
             cache_len = _bucket(_bucket(max(len(r.prompt) for r in chunk)) + max_new_tokens)
+            retries = 0
             while not all(r.done for r in chunk):
                 live = [r for r in chunk if not r.done]
                 try:
                     self._run_batch(live, cache_len, max_new_tokens, sampling, stops, bar)
                 except RankFailure as f:
-                    self._recover(f, requeued=len(live))
+                    if f.ranks:
+                        self._recover(f, requeued=len(live))
+                        retries = 0
+                        continue
+                    # a step timed out but every rank is alive (compute skew): run it again
+                    retries += 1
+                    self.transient_retries += 1
+                    if retries > 5:
+                        raise RuntimeError(f"steps keep timing out with every rank alive ({f.reason}); "
+                                           f"raise exchange_timeout (now {self._exchange_timeout} s)") from f
         if bar is not None:
             bar.close()
         results = [GenerationResult(token_ids=r.out, prompt_token_ids=r.prompt,

@@ -55,7 +55,7 @@ class MooncakeRuntime:
     """Workers for `num_ranks` ranks; `placement` is global (dead ranks' slots empty)."""
 
     def __init__(self, cfg, source: dict, dtype: str, num_ranks: int, placement: Placement,
-                 backup: dict | None, *, exchange_timeout: float = 0.5, heartbeat_interval: float = 0.2,
+                 backup: dict | None, *, exchange_timeout: float = 1.0, heartbeat_interval: float = 0.2,
                  heartbeat_timeout: float = 3.0, start_timeout: float = 300.0, max_rows: int = 4096,
                  endpoint: str = "tcp://127.0.0.1:0", spawn: bool = True, worker_host: str = "127.0.0.1",
                  backend: str = "auto"):
@@ -66,6 +66,7 @@ class MooncakeRuntime:
         self.backup = backup
         self.exchange_timeout, self.max_rows = exchange_timeout, max_rows
         self.heartbeat_interval = heartbeat_interval
+        self.hb_dead_after = max(1.0, 5 * heartbeat_interval)   # heartbeat silence that means dead
         self.start_timeout = start_timeout
         self.worker_host, self.backend = worker_host, backend
         self.moe_layer_ids = [i for i, m in enumerate(cfg.moe_layers) if m]
@@ -76,6 +77,7 @@ class MooncakeRuntime:
         self._step_seq = 0
         self._background: set = set()
         self.injected_at: dict[int, float] = {}     # fault injection time per rank (detection timing)
+        self.evidence: list[dict] = []               # per failed step: rank -> why it was declared dead
         self._closed = False
         self.server = ControlServer(endpoint)
         self.endpoint = self.server.endpoint
@@ -218,30 +220,34 @@ class MooncakeRuntime:
             self.server.send(f"rank-{r}".encode(), msg)
         return self._collect(ids, b)
 
+    def _silent_s(self, rank: int) -> float:
+        """Seconds since the last heartbeat of `rank` (its heartbeat thread runs even while its step
+        computes, so a long silence means a stopped or dead process, not a slow one)."""
+        try:
+            return self.monitor.health(rank).silent_for(time.monotonic())
+        except KeyError:
+            return float("inf")
+
     def _collect(self, ids: dict, b: int):
-        """Waits for every rank's step reply. Failure evidence: reports of failed exchanges, ranks
-        that do not answer, exited processes, heartbeat suspects."""
+        """Waits until every rank has answered the step (tokens, or a report of a failed exchange) or
+        is known dead: its process exited, its heartbeats stopped, or a peer's transfer to it failed.
+        A rank that is only slow keeps heartbeating and is waited for, never declared dead: when a
+        step fails with nobody dead (a timeout from compute skew) the RankFailure names no rank and
+        the engine runs the step again. Every live rank has left the step when this returns."""
         replies, reports = {}, {}
         ranks = set(ids.values())
-        limit = time.monotonic() + max(30.0, 4 * len(self.moe_layer_ids) * self.exchange_timeout + 10.0)
-        grace_until = None
-        while len(replies) < len(ids):
-            now = time.monotonic()
-            missing = ranks - set(replies) - set(reports)
-            exited = {r for r in missing if self.workers[r].exited()}
-            named = set()
+        limit = time.monotonic() + max(60.0, 4 * len(self.moe_layer_ids) * self.exchange_timeout + 30.0)
+        while True:
+            direct = set()
             for m in reports.values():
-                named |= set(m["direct"]) | set(m["silent"])
-            if reports or exited or (self.monitor.suspects() & missing):
-                if grace_until is None:
-                    grace_until = now + self.exchange_timeout + 0.3
-                # every rank has answered, except ranks known dead or named by a report: decide now
-                if all(r in exited or r in named for r in missing):
-                    break
-            if now >= limit or (grace_until is not None and now >= grace_until):
+                direct |= {int(x) for x in m["direct"]}
+            missing = ranks - set(replies) - set(reports)
+            dead = {r for r in missing if self.workers[r].exited() or self._silent_s(r) > self.hb_dead_after}
+            dead |= self.monitor.suspects() & missing
+            if not missing - dead - direct or time.monotonic() >= limit:
                 break
             try:
-                inc = self.server.recv(min(0.02, max(0.001, (grace_until or limit) - now)))
+                inc = self.server.recv(0.01)
             except ControlTimeout:
                 continue
             m = inc.msg
@@ -256,29 +262,20 @@ class MooncakeRuntime:
                 raise RuntimeError(f"rank {r} failed a step: {m.get('reason')}")
         if len(replies) == len(ids):
             return self._merge(ids, replies, b)
-        dead = self._confirm(set(ids.values()), replies, reports)
+        # still missing at the limit: heartbeating but never answering (a wedged step): dead too
+        unanswered = ranks - set(replies) - set(reports)
+        dead = sorted((dead | (direct & ranks) | unanswered) & ranks)
+        evidence = {r: ", ".join(filter(None, [
+            "process exited" if self.workers[r].exited() else "",
+            f"no heartbeat for {self._silent_s(r):.1f} s" if self._silent_s(r) > self.hb_dead_after else "",
+            "a peer's transfer to it failed" if r in direct else "",
+            "no answer" if r in unanswered else ""])) for r in dead}
+        self.evidence.append(evidence)
         injected = [self.injected_at.pop(r) for r in dead if r in self.injected_at]
-        failure = RankFailure(dead, self._describe(reports))
+        failure = RankFailure(dead, "; ".join(f"rank {r}: {e}" for r, e in evidence.items())
+                              or "a step timed out with every rank alive")
         failure.failed_at = min(injected) if injected else failure.detected_at
         raise failure
-
-    def _confirm(self, ranks: set, replies: dict, reports: dict) -> list[int]:
-        """The dead among `ranks`: exited or silent-to-the-controller workers, heartbeat suspects,
-        ranks whose transfers failed (direct evidence, from any report), and ranks a majority of
-        reporters found silent."""
-        dead = {r for r in ranks if self.workers[r].exited()}
-        dead |= {r for r in self.monitor.suspects() if r in ranks}
-        dead |= ranks - set(replies) - set(reports)
-        silent_votes = {}
-        for reporter, m in reports.items():
-            dead |= {int(x) for x in m["direct"] if int(x) in ranks}
-            for x in m["silent"]:
-                silent_votes[int(x)] = silent_votes.get(int(x), 0) + 1
-        voters = len(reports)
-        dead |= {r for r, v in silent_votes.items() if r in ranks and v * 2 > voters}
-        if not dead:   # every report blames peers only weakly: the quietest rank of the votes
-            dead = {max(silent_votes, key=silent_votes.get)} if silent_votes else set(reports)
-        return sorted(dead)
 
     @staticmethod
     def _describe(reports: dict) -> str:
