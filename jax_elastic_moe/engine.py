@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .config import ConfigError, ModelConfig, load_config_file
+from .metrics import EngineMetrics
 from .model.loader import load_checkpoint, random_params
 from .placement import Placement, PlacementError, rebalance, validate
 from .runtime.controller import Controller, EngineDead, RankFailure, RecoveryRecord, compact
@@ -92,7 +93,7 @@ class Engine:
                  dtype: str = "float32", tokenizer=None, placement_policy: str = "round_robin",
                  recovery_policy: str = "deepseek_global", max_batch_size: int = 64, load_window: int = 64,
                  backup: str | None = "host", precompile_fallbacks: bool = False,
-                 compilation_cache_dir: str | None = None):
+                 compilation_cache_dir: str | None = None, metrics_port: int | None = None):
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
         if redundant_experts < 0:
@@ -135,6 +136,8 @@ class Engine:
         self._last_good = time.perf_counter()
         self._batch_shapes: list = []
         self.step_log: list[tuple[float, int]] = []    # (time.perf_counter() at the end, tokens made)
+        self.metrics = None if metrics_port is None else EngineMetrics(num_ranks, metrics_port)   # 0: a free port
+        self.metrics_port = None if self.metrics is None else self.metrics.port
 
     # -- construction -----------------------------------------------------------------------------
     @classmethod
@@ -166,6 +169,8 @@ class Engine:
             self._fallback_thread.join()
         self._closed = True
         self._runner = None
+        if self.metrics is not None:
+            self.metrics.close()
 
     def __enter__(self):
         return self
@@ -286,10 +291,14 @@ class Engine:
         t0 = time.perf_counter()
         rec = RecoveryRecord(epoch=0, failed_ranks=failure.ranks, detect_s=t0 - failure.detected_at,
                              requests_requeued=requeued)
+        if self.metrics is not None:
+            self.metrics.on_recovering()
         try:
             epoch, placement = self._controller.decide(failure.ranks, self.expert_loads(), self._placement)
         except EngineDead as e:
             self._dead = e
+            if self.metrics is not None:
+                self.metrics.on_dead()
             raise
         t1 = time.perf_counter()
         rec.decide_s, rec.epoch = t1 - t0, epoch.number
@@ -438,12 +447,16 @@ class Engine:
     def _good_step(self, tokens: int):
         now = time.perf_counter()
         self.step_log.append((now, tokens))
+        if self.metrics is not None:
+            self.metrics.on_step(now - self._last_good, tokens)
         if self._pending_record is not None:
             rec, restored_at, failed_at = self._pending_record
             rec.compile_s += self._runner_compile_s
             rec.resume_s = now - restored_at - self._runner_compile_s
             rec.total_s = now - min(failed_at, self._last_good)
             self._pending_record = None
+            if self.metrics is not None:
+                self.metrics.on_recovered(int(self._active.sum()), rec.total_s)
         self._last_good = now
 
     def _timed(self, get_fn):

@@ -88,10 +88,11 @@ def synthetic_prompts(num: int, length: int, vocab: int, seed: int, vary: bool =
 
 
 def use_cpu_devices(n: int):
-    """On a CPU-only machine, asks JAX for n fake devices before it starts (no effect afterwards)."""
+    """On a CPU-only machine, asks JAX for at least n fake devices before it starts (never fewer than
+    already asked for; no effect once JAX has started)."""
     import jax
     try:
-        jax.config.update("jax_num_cpu_devices", max(n, 1))
+        jax.config.update("jax_num_cpu_devices", max(n, 1, jax.config.jax_num_cpu_devices))
     except Exception:  # backends already initialised: keep what is there
         pass
 

@@ -95,7 +95,7 @@ def placement_main(argv=None) -> int:
     if code == 0:
         with open(ours.json) as f:
             report = json.load(f)
-        report = {"benchmark": "placement", "machine": common.machine_record(), "arguments": rest, **report}
+        report = {"benchmark": "placement", "machine": common.machine_record(), "settings": {"arguments": rest}, **report}
         with open(ours.json, "w") as f:
             json.dump(report, f, indent=1)
     return code

@@ -26,6 +26,12 @@ from .throughput import measure_run
 
 THROUGHPUT_FLOOR = 0.85        # after >= 0.85 x (N - k) / N x before
 INTERRUPTION_CEILING = 0.05    # interruption_s / restart_s
+
+
+class SettingsError(ValueError):
+    """Benchmark settings that cannot produce the measurement asked for."""
+
+
 BREAKDOWN = ("detect_s", "decide_s", "restore_s", "compile_s", "resume_s", "total_s")
 
 RESTART_CHILD = r"""
@@ -50,21 +56,21 @@ def failed_ranks(num_ranks: int, k: int) -> list[int]:
 
 
 def check_feasible(args, counts: list[int]):
-    """Raises ValueError naming the redundancy needed when some count leaves too few slots."""
+    """Raises SettingsError naming the redundancy needed when some count leaves too few slots."""
     from ..config import load_config_file
     from ..engine import resolve_preset
     experts = load_config_file(resolve_preset(args.config)).num_experts
     slots = experts + args.redundant
     if slots % args.ranks:
-        raise ValueError(f"{experts} experts + {args.redundant} redundant = {slots} slots do not divide over "
+        raise SettingsError(f"{experts} experts + {args.redundant} redundant = {slots} slots do not divide over "
                          f"{args.ranks} ranks")
     per_rank = slots // args.ranks
     for k in counts:
         if not 0 < k < args.ranks:
-            raise ValueError(f"--fail {k}: a count must be between 1 and ranks - 1 = {args.ranks - 1}")
+            raise SettingsError(f"--fail {k}: a count must be between 1 and ranks - 1 = {args.ranks - 1}")
         if (args.ranks - k) * per_rank < experts:
             need = -(-experts * args.ranks // (args.ranks - k)) - experts
-            raise ValueError(
+            raise SettingsError(
                 f"--fail {k}: {args.ranks - k} surviving ranks x {per_rank} slots = {(args.ranks - k) * per_rank} "
                 f"slots cannot hold the {experts} experts of {args.config}; with {args.ranks} ranks, surviving "
                 f"{k} failures needs --redundant >= {need} (and experts + redundant divisible by ranks)")
@@ -137,7 +143,7 @@ def run(args) -> dict:
     counts = [int(x) for x in args.fail.split(",") if x.strip()]
     check_feasible(args, counts)
     if not 3 <= args.at_step <= args.new_tokens - 3:
-        raise ValueError(f"--at-step {args.at_step}: needs 3 <= at_step <= new_tokens - 3 = {args.new_tokens - 3} "
+        raise SettingsError(f"--at-step {args.at_step}: needs 3 <= at_step <= new_tokens - 3 = {args.new_tokens - 3} "
                          f"(steps on both sides of the failure to measure throughput)")
     common.use_cpu_devices(args.ranks)
     from ..config import load_config_file
@@ -217,7 +223,7 @@ def main(argv=None) -> int:
         args.at_step = args.new_tokens // 2
     try:
         result = run(args)
-    except ValueError as e:
+    except SettingsError as e:
         print(f"jem bench recovery: error: {e}", file=sys.stderr)
         return 2
     print(table(result, args))
