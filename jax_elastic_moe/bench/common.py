@@ -17,6 +17,10 @@ import numpy as np
 MODES = ("spmd", "mooncake")
 
 
+class SettingsError(ValueError):
+    """Benchmark settings that cannot produce the measurement asked for."""
+
+
 def machine_record() -> dict:
     """Where a benchmark ran: host, CPU, cores, load, Python, JAX and its devices, the git commit."""
     import jax
@@ -25,7 +29,7 @@ def machine_record() -> dict:
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "host": platform.node(),
         "platform": platform.platform(),
-        "processor": _cpu_model(),
+        "processor": cpu_model(),
         "cpu_count": os.cpu_count(),
         "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "python": platform.python_version(),
@@ -39,7 +43,8 @@ def machine_record() -> dict:
     return record
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
+    """The CPU model name (/proc/cpuinfo), or what platform knows."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -157,6 +162,23 @@ def write_report(path: str | None, benchmark: str, args, **body) -> dict:
         with open(path, "w") as f:
             json.dump(report, f, indent=1)
     return report
+
+
+def run_subcommand(benchmark: str, ap: argparse.ArgumentParser, argv, run, table, plot) -> int:
+    """Parses argv (the output options added), runs the benchmark, prints its table, writes the JSON
+    report and the plot. Settings that cannot be measured: a message and exit status 2."""
+    add_output_args(ap)
+    args = ap.parse_args(argv)
+    try:
+        result = run(args)
+    except SettingsError as e:
+        print(f"{ap.prog}: error: {e}", file=sys.stderr)
+        return 2
+    print(table(result, args))
+    write_report(args.json, benchmark, args, **result)
+    if args.plot:
+        plot(result, args.plot)
+    return 0
 
 
 def new_figure(*shape, **kw):

@@ -28,14 +28,10 @@ THROUGHPUT_FLOOR = 0.85        # after >= 0.85 x (N - k) / N x before
 INTERRUPTION_CEILING = 0.05    # interruption_s / restart_s
 
 
-class SettingsError(ValueError):
-    """Benchmark settings that cannot produce the measurement asked for."""
-
-
 BREAKDOWN = ("detect_s", "decide_s", "restore_s", "compile_s", "resume_s", "total_s")
 
 RESTART_CHILD = r"""
-import json, os, sys, time
+import json, sys, time
 spec = json.loads(sys.argv[1])
 import jax
 try:
@@ -45,8 +41,8 @@ except Exception:
 import jax_elastic_moe as jem
 eng = jem.Engine.from_config(spec["config"], **spec["engine"])
 eng.generate(spec["prompts"], max_new_tokens=1, stop_token_ids=[])
-print("FIRST_TOKEN_AT", time.time(), flush=True)
-os._exit(0)   # the restart is over at its first token; teardown is not part of it
+print("FIRST_TOKEN_AT", time.time(), flush=True)   # the restart is over here; the teardown is not timed
+eng.close()
 """
 
 
@@ -56,21 +52,21 @@ def failed_ranks(num_ranks: int, k: int) -> list[int]:
 
 
 def check_feasible(args, counts: list[int]):
-    """Raises SettingsError naming the redundancy needed when some count leaves too few slots."""
+    """Raises common.SettingsError naming the redundancy needed when some count leaves too few slots."""
     from ..config import load_config_file
     from ..engine import resolve_preset
     experts = load_config_file(resolve_preset(args.config)).num_experts
     slots = experts + args.redundant
     if slots % args.ranks:
-        raise SettingsError(f"{experts} experts + {args.redundant} redundant = {slots} slots do not divide over "
+        raise common.SettingsError(f"{experts} experts + {args.redundant} redundant = {slots} slots do not divide over "
                          f"{args.ranks} ranks")
     per_rank = slots // args.ranks
     for k in counts:
         if not 0 < k < args.ranks:
-            raise SettingsError(f"--fail {k}: a count must be between 1 and ranks - 1 = {args.ranks - 1}")
+            raise common.SettingsError(f"--fail {k}: a count must be between 1 and ranks - 1 = {args.ranks - 1}")
         if (args.ranks - k) * per_rank < experts:
             need = -(-experts * args.ranks // (args.ranks - k)) - experts
-            raise SettingsError(
+            raise common.SettingsError(
                 f"--fail {k}: {args.ranks - k} surviving ranks x {per_rank} slots = {(args.ranks - k) * per_rank} "
                 f"slots cannot hold the {experts} experts of {args.config}; with {args.ranks} ranks, surviving "
                 f"{k} failures needs --redundant >= {need} (and experts + redundant divisible by ranks)")
@@ -140,10 +136,14 @@ def failure_row(args, k: int, eng, prompts, restart_s: float) -> dict:
 
 
 def run(args) -> dict:
+    if args.batch is None:
+        args.batch = 4 * args.ranks               # every rank has work, before and after failures
+    if args.at_step is None:
+        args.at_step = args.new_tokens // 2
     counts = [int(x) for x in args.fail.split(",") if x.strip()]
     check_feasible(args, counts)
     if not 3 <= args.at_step <= args.new_tokens - 3:
-        raise SettingsError(f"--at-step {args.at_step}: needs 3 <= at_step <= new_tokens - 3 = {args.new_tokens - 3} "
+        raise common.SettingsError(f"--at-step {args.at_step}: needs 3 <= at_step <= new_tokens - 3 = {args.new_tokens - 3} "
                          f"(steps on both sides of the failure to measure throughput)")
     common.use_cpu_devices(args.ranks)
     from ..config import load_config_file
@@ -215,19 +215,4 @@ def main(argv=None) -> int:
     ap.add_argument("--precompile-fallbacks", action=argparse.BooleanOptionalAction, default=True,
                     help="spmd: compile the one-failure meshes in the background before the failure")
     ap.add_argument("--compilation-cache-dir", help="persistent JAX compilation cache (also for the restart)")
-    common.add_output_args(ap)
-    args = ap.parse_args(argv)
-    if args.batch is None:
-        args.batch = 4 * args.ranks               # every rank has work, before and after failures
-    if args.at_step is None:
-        args.at_step = args.new_tokens // 2
-    try:
-        result = run(args)
-    except SettingsError as e:
-        print(f"jem bench recovery: error: {e}", file=sys.stderr)
-        return 2
-    print(table(result, args))
-    common.write_report(args.json, "recovery", args, **result)
-    if args.plot:
-        plot(result, args.plot)
-    return 0
+    return common.run_subcommand("recovery", ap, argv, run, table, plot)

@@ -18,14 +18,16 @@ from . import common
 
 
 def measure_run(eng, prompts, new_tokens: int) -> dict:
-    """One timed generate: tokens/s, time to first token, the decode step intervals, the step log."""
+    """One timed generate: tokens/s, time to first token, the decode step intervals, the step log, and
+    the CPU time of this process (all its threads) during the run."""
     first = len(eng.step_log)
-    start = time.perf_counter()
+    cpu, start = time.process_time(), time.perf_counter()
     outs = eng.generate(prompts, max_new_tokens=new_tokens, stop_token_ids=[])
-    wall = time.perf_counter() - start
+    wall, cpu = time.perf_counter() - start, time.process_time() - cpu
     steps = eng.step_log[first:]
     tokens = sum(len(o.token_ids) for o in outs)
     return {"tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall,
+            "cpu_s": cpu, "tokens_per_cpu_s": tokens / max(cpu, 1e-9),
             "ttft_s": steps[0][0] - start,
             "tpot_s": [b[0] - a[0] for a, b in zip(steps, steps[1:])],
             "steps": [(t - start, n) for t, n in steps],
@@ -89,11 +91,4 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="jem bench throughput", description=__doc__.split("\n")[0])
     common.add_workload_args(ap)
     ap.add_argument("--repeats", type=int, default=5, help="timed runs after the warm-up")
-    common.add_output_args(ap)
-    args = ap.parse_args(argv)
-    result = run(args)
-    print(table(result, args))
-    common.write_report(args.json, "throughput", args, **result)
-    if args.plot:
-        plot(result, args.plot)
-    return 0
+    return common.run_subcommand("throughput", ap, argv, run, table, plot)
