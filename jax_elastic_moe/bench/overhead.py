@@ -13,7 +13,8 @@ that a drift in the machine's speed falls on both. ratio = median elastic tokens
 tokens/s; the spread is that of the per-pair ratios. On a shared machine other processes take cores
 at random moments; two checks less exposed to that are reported beside it: ratio_of_best (fastest
 elastic run / fastest plain run) and cpu_ratio (output tokens per CPU-second of this process,
-elastic / plain: the work per token, whoever else runs)."""
+elastic / plain: the work per token, whoever else runs). In spmd mode, flops_ratio = XLA's flop count
+of the compiled decode step, plain / elastic: the extra work the elastic configuration compiles in."""
 from __future__ import annotations
 
 import argparse
@@ -21,6 +22,15 @@ import time
 
 from . import common
 from .throughput import measure_run
+
+
+def decode_step_cost(eng) -> dict:
+    """XLA's cost analysis of the compiled decode step of the last batch (spmd): flops and bytes
+    accessed, per device. Deterministic: it shows what the extra slots cost, free of timing noise."""
+    kind, batch, cache_len = eng._batch_shapes[-1]
+    cost = eng._runner.decode_fn(batch, cache_len).cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return {"flops": float(cost.get("flops", 0.0)), "bytes_accessed": float(cost.get("bytes accessed", 0.0))}
 
 
 def run(args) -> dict:
@@ -54,6 +64,7 @@ def run(args) -> dict:
                 outputs_identical &= r["outputs"] == warm["plain"]["outputs"]
                 bar.update(1)
         slots = {name: eng.slots_per_rank for name, eng in engines.items()}
+        step_cost = ({name: decode_step_cost(eng) for name, eng in engines.items()} if args.mode == "spmd" else None)
     finally:
         for eng in engines.values():
             eng.close()
@@ -70,6 +81,8 @@ def run(args) -> dict:
         "plain_runs": rates["plain"], "elastic_runs": rates["elastic"],
         "plain_tokens_per_cpu_s": per_cpu_s["plain"], "elastic_tokens_per_cpu_s": per_cpu_s["elastic"],
         "slots_per_rank": slots, "variants": variants,
+        "decode_step_cost": step_cost,
+        "flops_ratio": step_cost["plain"]["flops"] / step_cost["elastic"]["flops"] if step_cost else None,
         "outputs_identical": outputs_identical,
         "first_run_s_with_compile": {name: w["wall_s"] for name, w in warm.items()},
         "fallback_precompile": fallback,
@@ -87,7 +100,9 @@ def table(result: dict, args) -> str:
     return (f"{head}\n{text}\nratio elastic/plain = {result['ratio']:.4f} (per-pair ratios: median "
             f"{s['median']:.4f}, min {s['min']:.4f}, max {s['max']:.4f}, IQR {s['iqr']:.4f}); "
             f"ratio of the fastest runs {result['ratio_of_best']:.4f}; tokens per CPU-second ratio "
-            f"{result['cpu_ratio']:.4f}")
+            f"{result['cpu_ratio']:.4f}"
+            + (f"; decode step flops plain/elastic {result['flops_ratio']:.4f} (XLA cost analysis)"
+               if result["flops_ratio"] else ""))
 
 
 def plot(result: dict, path: str):
