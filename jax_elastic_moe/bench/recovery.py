@@ -193,7 +193,9 @@ def plot(result: dict, path: str):
     for ax, r in zip(axes[:, 0], rows):
         rates = common.step_rates(r["steps"], 0.0)
         failed_at, recovered_at = r["steps"][r["at_step"] - 1][0], r["steps"][r["at_step"]][0]
-        ax.plot([t for t, _ in rates[1:]], [x for _, x in rates[1:]], marker=".", label="output tokens/s per step")
+        k = r["at_step"]          # rates[k]: the first good step after the failure (its rate spans the gap)
+        for part, label in ((rates[1:k], "output tokens/s per decode step"), (rates[k + 1:], None)):
+            ax.plot([t for t, _ in part], [x for _, x in part], marker=".", color="tab:blue", label=label)
         ax.axvspan(failed_at, recovered_at, color="tab:red", alpha=0.2,
                    label=f"failure of ranks {r['failed_ranks']} -> recovered ({r['interruption_s']:.3f} s)")
         ax.axvline(failed_at, color="tab:red", linestyle="--")
