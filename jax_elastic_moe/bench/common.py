@@ -38,7 +38,8 @@ def machine_record() -> dict:
         "device_kind": devices[0].device_kind,
         "device_count": len(devices),
         "git_commit": _git_commit(),
-        "command": " ".join(["jem"] + sys.argv[1:]) if os.path.basename(sys.argv[0]) == "jem" else " ".join(sys.argv),
+        "command": (" ".join(["jem"] + sys.argv[1:]) if os.path.basename(sys.argv[0]) in ("jem", "cli.py")
+                    else " ".join(sys.argv)),
     }
     return record
 
@@ -56,13 +57,16 @@ def cpu_model() -> str:
 
 
 def _git_commit() -> str | None:
+    """The checkout's commit, with "+changes" when tracked files differ from it."""
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     try:
-        out = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"], capture_output=True,
-                             text=True, timeout=10)
+        head = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
     except (OSError, subprocess.TimeoutExpired):
         return None
-    return out.stdout.strip() or None
+    return (head + ("+changes" if dirty else "")) or None
 
 
 def add_workload_args(ap: argparse.ArgumentParser, *, config="small", ranks=4, redundant=4, batch=16,
