@@ -52,9 +52,10 @@ def test_recovery_report(tmp_path):
     js, png = outputs(tmp_path, "recovery")
     assert recovery.main(TINY + ["--mode", "spmd", "--ranks", "4", "--redundant", "4", "--fail", "1",
                                  "--batch", "4", "--new-tokens", "7", "--at-step", "3",
-                                 "--no-precompile-fallbacks", "--json", str(js), "--plot", str(png)]) == 0
+                                 "--no-precompile-fallbacks", "--compilation-cache-dir", str(tmp_path / "xla"),
+                                 "--json", str(js), "--plot", str(png)]) == 0
     report = read(js, png)
-    assert report["restart_s"] > 0
+    assert report["restart_s"] > 0 and any((tmp_path / "xla").iterdir())     # the cache was used
     (row,) = report["rows"]
     assert row["failed"] == 1 and row["recoveries"] == 1
     assert row["failed_ranks"][0] not in row["active_ranks_after"] and len(row["active_ranks_after"]) == 3

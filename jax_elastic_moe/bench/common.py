@@ -21,11 +21,10 @@ class SettingsError(ValueError):
     """Benchmark settings that cannot produce the measurement asked for."""
 
 
-def machine_record() -> dict:
-    """Where a benchmark ran: host, CPU, cores, load, Python, JAX and its devices, the git commit."""
-    import jax
-    devices = jax.devices()
-    record = {
+def run_start_record() -> dict:
+    """What describes the machine as a run starts (no JAX: it must not start before the devices are
+    set up): date, host, CPU, cores, load average, Python, the git commit, the command line."""
+    return {
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "host": platform.node(),
         "platform": platform.platform(),
@@ -33,15 +32,18 @@ def machine_record() -> dict:
         "cpu_count": os.cpu_count(),
         "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "python": platform.python_version(),
-        "jax": jax.__version__,
-        "backend": jax.default_backend(),
-        "device_kind": devices[0].device_kind,
-        "device_count": len(devices),
         "git_commit": _git_commit(),
         "command": (" ".join(["jem"] + sys.argv[1:]) if os.path.basename(sys.argv[0]) in ("jem", "cli.py")
                     else " ".join(sys.argv)),
     }
-    return record
+
+
+def machine_record(started: dict | None = None) -> dict:
+    """Where a benchmark ran: run_start_record() (taken now unless given) plus JAX and its devices."""
+    import jax
+    devices = jax.devices()
+    return {**(started or run_start_record()), "jax": jax.__version__, "backend": jax.default_backend(),
+            "device_kind": devices[0].device_kind, "device_count": len(devices)}
 
 
 def cpu_model() -> str:
@@ -158,9 +160,10 @@ def settings_of(args) -> dict:
     return {k: v for k, v in vars(args).items() if k not in ("json", "plot", "quiet")}
 
 
-def write_report(path: str | None, benchmark: str, args, **body) -> dict:
-    """The report {benchmark, machine, settings, **body}; written as JSON to `path` when given."""
-    report = {"benchmark": benchmark, "machine": machine_record(), "settings": settings_of(args), **body}
+def write_report(path: str | None, benchmark: str, args, started: dict | None = None, **body) -> dict:
+    """The report {benchmark, machine, settings, **body}; written as JSON to `path` when given.
+    started: run_start_record() of when the run started (default: now)."""
+    report = {"benchmark": benchmark, "machine": machine_record(started), "settings": settings_of(args), **body}
     if path:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         with open(path, "w") as f:
@@ -173,13 +176,14 @@ def run_subcommand(benchmark: str, ap: argparse.ArgumentParser, argv, run, table
     report and the plot. Settings that cannot be measured: a message and exit status 2."""
     add_output_args(ap)
     args = ap.parse_args(argv)
+    started = run_start_record()
     try:
         result = run(args)
     except SettingsError as e:
         print(f"{ap.prog}: error: {e}", file=sys.stderr)
         return 2
     print(table(result, args))
-    write_report(args.json, benchmark, args, **result)
+    write_report(args.json, benchmark, args, started=started, **result)
     if args.plot:
         plot(result, args.plot)
     return 0
