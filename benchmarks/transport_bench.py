@@ -24,6 +24,7 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from jax_elastic_moe.bench.common import cpu_model  # noqa: E402
 from jax_elastic_moe.runtime.loopback import LoopbackCluster  # noqa: E402
 from jax_elastic_moe.runtime.transport import DEFAULT_EXCHANGE_TIMEOUT  # noqa: E402
 
@@ -32,17 +33,6 @@ def spin(seconds: float):
     end = time.monotonic() + seconds
     while time.monotonic() < end:
         pass
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def percentiles(values):

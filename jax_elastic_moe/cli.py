@@ -1,5 +1,5 @@
 """`jem`: the command line. Subcommands: generate, demo (the elastic demo), worker (ranks of a
-multi-host engine), plan (placement planner)."""
+multi-host engine), plan (placement planner), bench (benchmarks)."""
 from __future__ import annotations
 
 import argparse
@@ -8,24 +8,9 @@ import sys
 import time
 
 
-def _use_cpu_devices(n: int):
-    """On a CPU-only machine, ask JAX for n fake devices before it starts."""
-    import jax
-    try:
-        jax.config.update("jax_num_cpu_devices", max(n, 1))
-    except Exception:  # backends already initialised: keep what is there
-        pass
-
-
-def _random_prompts(num: int, length: int, vocab: int, seed: int):
-    import numpy as np
-    rng = np.random.RandomState(seed)
-    lengths = rng.randint(max(1, length // 2), length + 1, size=num)
-    return [rng.randint(2, vocab, size=int(n)).tolist() for n in lengths]
-
-
 def cmd_generate(args) -> int:
-    _use_cpu_devices(args.ranks)
+    from .bench.common import synthetic_prompts, use_cpu_devices
+    use_cpu_devices(args.ranks)
     import jax_elastic_moe as jem
     kw = dict(num_ranks=args.ranks, redundant_experts=args.redundant, dtype=args.dtype)
     t0 = time.perf_counter()
@@ -35,7 +20,7 @@ def cmd_generate(args) -> int:
     if args.prompt:
         prompts = [p if eng.tokenizer else [int(t) for t in p.split(",")] for p in args.prompt]
     else:
-        prompts = _random_prompts(args.num_prompts, args.prompt_len, eng.cfg.vocab_size, args.seed)
+        prompts = synthetic_prompts(args.num_prompts, args.prompt_len, eng.cfg.vocab_size, args.seed, vary=True)
     t1 = time.perf_counter()
     outs = eng.generate(prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                         top_p=args.top_p, seed=args.seed, progress=not args.quiet)
@@ -102,6 +87,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "plan":
         return cmd_plan(argv[1:])
+    if argv and argv[0] == "bench":
+        from .bench import main as bench_main
+        return bench_main(argv[1:])
     ap = argparse.ArgumentParser(prog="jem", description="jax-elastic-moe command line")
     sub = ap.add_subparsers(dest="cmd", required=True)
     g = sub.add_parser("generate", help="batch generation with expert parallelism")
@@ -139,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     w.add_argument("--rank-range", required=True, help="ranks to run here, e.g. 4-7")
     w.add_argument("--host", default="127.0.0.1", help="this host's address for Mooncake")
     sub.add_parser("plan", help="expert placement availability planner (see `jem plan --help`)")
+    sub.add_parser("bench", help="benchmarks: throughput, overhead, recovery, kernels, placement (`jem bench --help`)")
     args = ap.parse_args(argv)
     if args.cmd == "generate":
         return cmd_generate(args)

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .config import ConfigError, ModelConfig, from_hf_dict, load_config_file, read_config_dict
+from .metrics import EngineMetrics
 from .model.loader import load_checkpoint, random_params
 from .placement import Placement, PlacementError, rebalance, validate
 from .runtime.controller import Controller, EngineDead, RankFailure, RecoveryRecord, compact
@@ -95,7 +96,7 @@ class Engine:
                  compilation_cache_dir: str | None = None, mode: str = "spmd", source: dict | None = None,
                  exchange_timeout: float = 1.0, heartbeat_interval: float = 0.2, heartbeat_timeout: float = 3.0,
                  spawn_workers: bool = True, controller_endpoint: str = "tcp://127.0.0.1:0",
-                 ep_backend: str = "auto"):
+                 ep_backend: str = "auto", metrics_port: int | None = None):
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
         if redundant_experts < 0:
@@ -152,6 +153,8 @@ class Engine:
         self.step_log: list[tuple[float, int]] = []    # (time.perf_counter() at the end, tokens made)
         self.transient_retries = 0          # steps run again after a timeout with nobody dead
         self._exchange_timeout = exchange_timeout
+        self.metrics = None if metrics_port is None else EngineMetrics(num_ranks, metrics_port)   # 0: a free port
+        self.metrics_port = None if self.metrics is None else self.metrics.port
 
     # -- construction -----------------------------------------------------------------------------
     @classmethod
@@ -192,6 +195,8 @@ class Engine:
             self._runner.close()
         self._closed = True
         self._runner = None
+        if self.metrics is not None:
+            self.metrics.close()
 
     def __enter__(self):
         return self
@@ -330,10 +335,14 @@ class Engine:
         t0 = time.perf_counter()
         rec = RecoveryRecord(epoch=0, failed_ranks=failure.ranks, detect_s=failure.detected_at - failure.failed_at,
                              requests_requeued=requeued)
+        if self.metrics is not None:
+            self.metrics.on_recovering()
         try:
             epoch, placement = self._controller.decide(failure.ranks, self.expert_loads(), self._placement)
         except EngineDead as e:
             self._dead = e
+            if self.metrics is not None:
+                self.metrics.on_dead()
             raise
         t1 = time.perf_counter()
         rec.decide_s, rec.epoch = t1 - t0, epoch.number
@@ -523,12 +532,16 @@ class Engine:
     def _good_step(self, tokens: int):
         now = time.perf_counter()
         self.step_log.append((now, tokens))
+        if self.metrics is not None:
+            self.metrics.on_step(now - self._last_good, tokens)
         if self._pending_record is not None:
             rec, restored_at, failed_at = self._pending_record
             rec.compile_s += self._runner_compile_s
             rec.resume_s = now - restored_at - self._runner_compile_s
             rec.total_s = now - min(failed_at, self._last_good)
             self._pending_record = None
+            if self.metrics is not None:
+                self.metrics.on_recovered(int(self._active.sum()), rec.total_s)
         self._last_good = now
 
     def _run_batch(self, reqs, cache_len, max_new, sampling, stops, bar):
