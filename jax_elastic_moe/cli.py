@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--config", default="small")
     d.add_argument("--mode", default="mooncake", choices=["mooncake", "spmd"])
     d.add_argument("--ranks", type=int, default=4)
-    d.add_argument("--redundant", type=int, default=4)
+    d.add_argument("--redundant", type=int, default=8)
     d.add_argument("--kill", type=int, default=1, help="the rank to fail")
     d.add_argument("--how", default="kill", choices=["kill", "hang", "slow", "drop"])
     d.add_argument("--at-step", type=int, default=8)

@@ -209,7 +209,7 @@ def plot(result: dict, path: str):
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="jem bench recovery", description=__doc__.split("\n")[0])
-    common.add_workload_args(ap, config="tiny", batch=None, new_tokens=48)
+    common.add_workload_args(ap, config="tiny_mixtral", batch=None, new_tokens=48)
     ap.add_argument("--fail", default="1,2", help="comma-separated counts of ranks to fail, one row each")
     ap.add_argument("--how", default="kill", choices=["kill", "hang", "slow", "drop"],
                     help="failure to inject (spmd: kill only)")
