@@ -61,6 +61,15 @@ def local_devices(num_ranks: int):
     return devices[:num_ranks]
 
 
+def lower_priority():
+    """Runs the calling thread at the lowest CPU priority (Linux): background compiles must not take
+    the cores from serving."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+    except (AttributeError, OSError):
+        pass
+
+
 def enable_compilation_cache(path: str):
     """JAX's persistent compilation cache in `path`, for every program however fast it compiled."""
     os.makedirs(path, exist_ok=True)
@@ -380,6 +389,7 @@ class Engine:
         self._cancel_fallbacks = cancel = threading.Event()
 
         def work():
+            lower_priority()
             for r in alive:
                 if cancel.is_set():
                     return
