@@ -61,15 +61,6 @@ def local_devices(num_ranks: int):
     return devices[:num_ranks]
 
 
-def lower_priority():
-    """Runs the calling thread at the lowest CPU priority (Linux): background compiles must not take
-    the cores from serving."""
-    try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
-    except (AttributeError, OSError):
-        pass
-
-
 def enable_compilation_cache(path: str):
     """JAX's persistent compilation cache in `path`, for every program however fast it compiled."""
     os.makedirs(path, exist_ok=True)
@@ -343,7 +334,7 @@ class Engine:
         """Applies the controller's decision for `failure` (spmd: a new mesh over the survivors)."""
         t0 = time.perf_counter()
         rec = RecoveryRecord(epoch=0, failed_ranks=failure.ranks, detect_s=failure.detected_at - failure.failed_at,
-                             requests_requeued=requeued)
+                             requests_requeued=requeued, evidence=failure.reason[:500])
         if self.metrics is not None:
             self.metrics.on_recovering()
         try:
@@ -389,7 +380,6 @@ class Engine:
         self._cancel_fallbacks = cancel = threading.Event()
 
         def work():
-            lower_priority()
             for r in alive:
                 if cancel.is_set():
                     return

@@ -95,7 +95,7 @@ def test_hang_one(engine, reference):
     assert run(eng) == reference
     rec = last_recovery(eng)
     assert rec["failed_ranks"] == [3]
-    assert rec["detect_s"] < 5.0, "a hung rank is caught by the exchange deadline, not Mooncake's 30 s"
+    assert rec["detect_s"] < 10.0, "a hung rank is caught by its heartbeat silence, not Mooncake's 30 s"
     assert time.perf_counter() - t < 120
 
 

@@ -49,6 +49,7 @@ class RecoveryRecord:
     restored_from_backup: int = 0
     requests_requeued: int = 0
     precompiled: bool = False
+    evidence: str = ""          # why each failed rank was declared dead
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -66,7 +66,9 @@ class MooncakeRuntime:
         self.backup = backup
         self.exchange_timeout, self.max_rows = exchange_timeout, max_rows
         self.heartbeat_interval = heartbeat_interval
-        self.hb_dead_after = max(1.0, 5 * heartbeat_interval)   # heartbeat silence that means dead
+        # heartbeat silence that means dead: the detector's timeout (a busy, compiling worker's heartbeat
+        # thread can wait on the GIL for a second or more; a stopped process is silent for good)
+        self.hb_dead_after = heartbeat_timeout
         self.start_timeout = start_timeout
         self.worker_host, self.backend = worker_host, backend
         self.moe_layer_ids = [i for i, m in enumerate(cfg.moe_layers) if m]

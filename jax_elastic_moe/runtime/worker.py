@@ -213,10 +213,7 @@ class Worker:
         """Compiles the programs a batch will use, so no rank compiles inside a step with deadlines."""
         shapes = [(k, int(b), int(s), int(c)) for k, b, s, c in msg["shapes"]]
         if msg.get("background"):           # programs for after a failure: compile while serving
-            from ..engine import lower_priority
-
             def work():
-                lower_priority()
                 for sh in shapes:
                     self._model_fn(*sh)
             threading.Thread(target=work, daemon=True).start()
