@@ -340,10 +340,11 @@ class Engine:
         try:
             epoch, placement = self._controller.decide(failure.ranks, self.expert_loads(), self._placement)
         except EngineDead as e:
+            e = EngineDead(f"{e} (evidence: {failure.reason[:300]})")
             self._dead = e
             if self.metrics is not None:
                 self.metrics.on_dead()
-            raise
+            raise e from None
         t1 = time.perf_counter()
         rec.decide_s, rec.epoch = t1 - t0, epoch.number
         alive = epoch.active.astype(bool)
