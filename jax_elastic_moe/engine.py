@@ -514,9 +514,12 @@ class Engine:
                         self._recover(f, requeued=len(live))
                         retries = 0
                         continue
-                    # a step timed out but every rank is alive (compute skew): run it again
+                    # a step timed out but every rank is alive (compute skew): run it again, with the
+                    # peer tables re-installed (a transport marks a peer failed after a timed-out write)
                     retries += 1
                     self.transient_retries += 1
+                    if self.mode == "mooncake":
+                        self._runner.install(self._active, self._placement, loads={})
                     if retries > 5:
                         raise RuntimeError(f"steps keep timing out with every rank alive ({f.reason}); "
                                            f"raise exchange_timeout (now {self._exchange_timeout} s)") from f
@@ -564,7 +567,11 @@ class Engine:
             return ids
 
         self._batch_shapes = [("prefill", bp, seq, cache_len), ("decode", bp, cache_len)]
-        self._runner_compile_s = rt.ensure_compiled(self._batch_shapes)
+        if self.mode == "mooncake":     # with the programs for one fewer rank, before any step
+            self._runner_compile_s = rt.ensure_compiled(
+                self._batch_shapes, [self._resume_shape(n, rt.num_live - 1) for n in self._batch_shapes])
+        else:
+            self._runner_compile_s = rt.ensure_compiled(self._batch_shapes)
         self._due_failures(self._step)
         nxt, counts = self._guarded(rt.prefill, tokens, lens, sample_ids(), cache_len, sampling)
         done = np.zeros(bp, bool)
@@ -572,9 +579,6 @@ class Engine:
         positions = lens.copy()
         if self._precompile and self.mode == "spmd":
             self._start_fallbacks(self._batch_shapes)
-        elif self.mode == "mooncake" and rt.num_live > 1:
-            rt.precompile_background([self._resume_shape(n, rt.num_live - 1) for n in self._batch_shapes],
-                                     rt.num_live - 1)
         while True:
             self._good_step(int((~done).sum()))
             self._loads.append(counts)

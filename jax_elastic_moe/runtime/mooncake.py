@@ -35,6 +35,16 @@ class WorkerProcess:
     def exited(self) -> bool:
         return self.proc is not None and self.proc.poll() is not None
 
+    def stopped(self) -> bool | None:
+        """Whether the process is stopped (SIGSTOP): None when unknown (not a local child)."""
+        if self.proc is None or self.pid is None:
+            return None
+        try:
+            with open(f"/proc/{self.pid}/stat") as f:
+                return f.read().rsplit(")", 1)[1].split()[0] in ("T", "t")
+        except (OSError, IndexError):
+            return None
+
     def signal(self, sig):
         if self.pid is not None:
             try:
@@ -77,7 +87,7 @@ class MooncakeRuntime:
         self.workers: dict[int, WorkerProcess] = {}
         self._ids = itertools.count(1)
         self._step_seq = 0
-        self._background: set = set()
+        self._fallback_sets: set = set()
         self.injected_at: dict[int, float] = {}     # fault injection time per rank (detection timing)
         self.evidence: list[dict] = []               # per failed step: rank -> why it was declared dead
         self._closed = False
@@ -164,28 +174,21 @@ class MooncakeRuntime:
         """Per-rank (kind, batch, seq, cache_len) of global step shapes over n live ranks."""
         return [[kind, batch // n, *(rest if kind == "prefill" else [1, rest[-1]])] for kind, batch, *rest in shapes]
 
-    def precompile_background(self, shapes: list, n: int):
-        """Workers compile, while serving, the programs a batch takes with n live ranks (after one
-        more failure), so recovery does not wait for a compiler. Sent once per set of shapes."""
-        local = self._local_shapes(shapes, n)
-        key = ("background", tuple(map(tuple, local)))
-        if key in self._background:
-            return
-        self._background.add(key)
-        self._command(self.live, lambda r: message("compile", id=next(self._ids), shapes=local, background=True),
-                      timeout=60, what="start background compiles")
-
     def wait_background(self) -> int:
-        """Waits until the workers' background compiles are done; returns how many shape sets."""
-        for _, local in self._background:
-            self._command(self.live, lambda r: message("compile", id=next(self._ids), shapes=[list(x) for x in local]),
-                          timeout=self.start_timeout, what="finish background compiles")
-        return len(self._background)
+        """Fallback programs are compiled with the batch's own (ensure_compiled): nothing to wait for.
+        Returns how many fallback shape sets the live workers hold."""
+        return len(self._fallback_sets)
 
-    def ensure_compiled(self, shapes: list) -> float:
-        """Every live worker compiles the per-rank programs of these global step shapes."""
+    def ensure_compiled(self, shapes: list, fallback: list | None = None) -> float:
+        """Every live worker compiles the per-rank programs of these global step shapes, and of
+        `fallback` (the global shapes the batch takes after one more failure, over num_live - 1
+        ranks), before the first step: a compile while serving would starve the exchange of its
+        host thread (the GIL) and look like a failed peer."""
         n = self.num_live
         local = self._local_shapes(shapes, n)
+        if fallback and n > 1:
+            local += self._local_shapes(fallback, n - 1)
+            self._fallback_sets.add(tuple(map(tuple, local)))
         key = tuple(map(tuple, local))
         done = getattr(self, "_compiled", {})
         todo = [r for r in self.live if key not in done.get(r, set())]
@@ -230,6 +233,18 @@ class MooncakeRuntime:
         except KeyError:
             return float("inf")
 
+    def _dead_now(self, rank: int) -> bool:
+        """Exited, or stopped: for a local worker the OS says so exactly (its heartbeat thread may be
+        starved of the GIL by a compile on a busy host without the process being hung); for a remote
+        one, heartbeat silence past the heartbeat timeout."""
+        w = self.workers[rank]
+        if w.exited():
+            return True
+        stopped = w.stopped()
+        if stopped is not None:
+            return stopped
+        return self._silent_s(rank) > self.hb_dead_after
+
     def _collect(self, ids: dict, b: int):
         """Waits until every rank has answered the step (tokens, or a report of a failed exchange) or
         is known dead: its process exited, its heartbeats stopped, or a peer's transfer to it failed.
@@ -244,8 +259,7 @@ class MooncakeRuntime:
             for m in reports.values():
                 direct |= {int(x) for x in m["direct"]}
             missing = ranks - set(replies) - set(reports)
-            dead = {r for r in missing if self.workers[r].exited() or self._silent_s(r) > self.hb_dead_after}
-            dead |= self.monitor.suspects() & missing
+            dead = {r for r in missing if self._dead_now(r)}
             if not missing - dead - direct or time.monotonic() >= limit:
                 break
             try:
@@ -269,6 +283,7 @@ class MooncakeRuntime:
         dead = sorted((dead | (direct & ranks) | unanswered) & ranks)
         evidence = {r: ", ".join(filter(None, [
             "process exited" if self.workers[r].exited() else "",
+            "process stopped" if self.workers[r].stopped() else "",
             f"no heartbeat for {self._silent_s(r):.1f} s" if self._silent_s(r) > self.hb_dead_after else "",
             "a peer's transfer to it failed" if r in direct else "",
             "no answer" if r in unanswered else ""])) for r in dead}
@@ -356,7 +371,7 @@ class MooncakeRuntime:
                           what="commit expert weights")
         self.placement = placement
         self._compiled = {}         # shapes per rank change with the number of live ranks
-        self._background = set()
+        self._fallback_sets = set()
         return stats
 
     def restart(self, rank: int):

@@ -212,12 +212,6 @@ class Worker:
     def compile(self, msg: dict):
         """Compiles the programs a batch will use, so no rank compiles inside a step with deadlines."""
         shapes = [(k, int(b), int(s), int(c)) for k, b, s, c in msg["shapes"]]
-        if msg.get("background"):           # programs for after a failure: compile while serving
-            def work():
-                for sh in shapes:
-                    self._model_fn(*sh)
-            threading.Thread(target=work, daemon=True).start()
-            return {"compile_s": 0.0}
         t = time.perf_counter()
         for sh in shapes:
             self._model_fn(*sh)
@@ -274,8 +268,12 @@ class Worker:
             if self.failure is None:
                 raise
             res = self.failure
-            return {"ok": False, "failed_step": True, "direct": sorted(int(r) for r in res.direct),
-                    "silent": sorted(int(r) for r in res.silent), "reason": str(e)[:300]}
+            # a transfer that failed outright is evidence against the peer; one that only ran out of
+            # time is not (this rank may have been the slow one), like a missing signal
+            hard = {int(r) for r in res.direct if "deadline" not in str(res.failed.get(r, ""))}
+            weak = {int(r) for r in res.failed} - hard
+            return {"ok": False, "failed_step": True, "direct": sorted(hard), "silent": sorted(weak),
+                    "reason": str(e)[:300]}
         self.cache = cache
         return {"ok": True, "tokens": nxt.tolist(), "counts": np.asarray(counts).reshape(-1).tolist()}
 
