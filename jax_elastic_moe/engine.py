@@ -567,9 +567,11 @@ class Engine:
             return ids
 
         self._batch_shapes = [("prefill", bp, seq, cache_len), ("decode", bp, cache_len)]
-        if self.mode == "mooncake":     # with the programs for one fewer rank, before any step
-            self._runner_compile_s = rt.ensure_compiled(
-                self._batch_shapes, [self._resume_shape(n, rt.num_live - 1) for n in self._batch_shapes])
+        if self.mode == "mooncake":
+            # with the programs for one fewer rank, before any step; not while resuming from a
+            # failure (that would lengthen the interruption): the next batch compiles them
+            fallback = None if resumed else [self._resume_shape(n, rt.num_live - 1) for n in self._batch_shapes]
+            self._runner_compile_s = rt.ensure_compiled(self._batch_shapes, fallback)
         else:
             self._runner_compile_s = rt.ensure_compiled(self._batch_shapes)
         self._due_failures(self._step)
