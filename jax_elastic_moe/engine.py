@@ -96,7 +96,7 @@ class Engine:
                  compilation_cache_dir: str | None = None, mode: str = "spmd", source: dict | None = None,
                  exchange_timeout: float = 1.0, heartbeat_interval: float = 0.2, heartbeat_timeout: float = 3.0,
                  spawn_workers: bool = True, controller_endpoint: str = "tcp://127.0.0.1:0",
-                 ep_backend: str = "auto", metrics_port: int | None = None):
+                 ep_backend: str = "auto", metrics_port: int | None = None, fallback_depth: int = 2):
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
         if redundant_experts < 0:
@@ -152,6 +152,7 @@ class Engine:
         self._batch_shapes: list = []
         self.step_log: list[tuple[float, int]] = []    # (time.perf_counter() at the end, tokens made)
         self.transient_retries = 0          # steps run again after a timeout with nobody dead
+        self.fallback_depth = fallback_depth  # mooncake: programs ready for up to this many more failures
         self._exchange_timeout = exchange_timeout
         self.metrics = None if metrics_port is None else EngineMetrics(num_ranks, metrics_port)   # 0: a free port
         self.metrics_port = None if self.metrics is None else self.metrics.port
@@ -570,7 +571,9 @@ class Engine:
         if self.mode == "mooncake":
             # with the programs for one fewer rank, before any step; not while resuming from a
             # failure (that would lengthen the interruption): the next batch compiles them
-            fallback = None if resumed else [self._resume_shape(n, rt.num_live - 1) for n in self._batch_shapes]
+            fallback = [] if resumed else [
+                ([self._resume_shape(n, rt.num_live - m) for n in self._batch_shapes], rt.num_live - m)
+                for m in range(1, self.fallback_depth + 1) if rt.num_live - m >= 1]
             self._runner_compile_s = rt.ensure_compiled(self._batch_shapes, fallback)
         else:
             self._runner_compile_s = rt.ensure_compiled(self._batch_shapes)

@@ -181,14 +181,14 @@ class MooncakeRuntime:
 
     def ensure_compiled(self, shapes: list, fallback: list | None = None) -> float:
         """Every live worker compiles the per-rank programs of these global step shapes, and of
-        `fallback` (the global shapes the batch takes after one more failure, over num_live - 1
-        ranks), before the first step: a compile while serving would starve the exchange of its
-        host thread (the GIL) and look like a failed peer."""
+        `fallback` ([(global shapes the batch takes after failures, live ranks then)]), before the
+        first step: a compile while serving would starve the exchange of its host thread (the GIL)
+        and look like a failed peer."""
         n = self.num_live
         local = self._local_shapes(shapes, n)
-        if fallback and n > 1:
-            local += self._local_shapes(fallback, n - 1)
-            self._fallback_sets.add(tuple(map(tuple, local)))
+        for fb_shapes, live in fallback or []:
+            local += self._local_shapes(fb_shapes, live)
+            self._fallback_sets.add((live, tuple(map(tuple, fb_shapes))))
         key = tuple(map(tuple, local))
         done = getattr(self, "_compiled", {})
         todo = [r for r in self.live if key not in done.get(r, set())]
