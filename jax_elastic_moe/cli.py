@@ -41,12 +41,12 @@ def cmd_generate(args) -> int:
 def cmd_demo(args) -> int:
     """The elastic demo: batch generation on N ranks, one killed mid-run; the recovery timeline, and
     the tokens against a run with no failure."""
-    _use_cpu_devices(max(args.ranks, 1))
+    from .bench.common import synthetic_prompts, use_cpu_devices
+    use_cpu_devices(max(args.ranks, 1))
     import jax_elastic_moe as jem
-    prompts = _random_prompts(args.num_prompts, args.prompt_len, 2048, args.seed)
     print(f"reference: {args.config}, one device, no failure ...", flush=True)
     with jem.Engine.from_config(args.config, num_ranks=1, seed=args.seed) as ref:
-        prompts = _random_prompts(args.num_prompts, args.prompt_len, ref.cfg.vocab_size, args.seed)
+        prompts = synthetic_prompts(args.num_prompts, args.prompt_len, ref.cfg.vocab_size, args.seed, vary=True)
         want = [o.token_ids for o in ref.generate(prompts, max_new_tokens=args.max_new_tokens, stop_token_ids=[])]
     print(f"starting {args.ranks} ranks (mode={args.mode}), {args.redundant} redundant experts ...", flush=True)
     t0 = time.perf_counter()

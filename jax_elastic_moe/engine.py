@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .config import ConfigError, ModelConfig, from_hf_dict, load_config_file, read_config_dict
+from .config import ConfigError, ModelConfig, from_hf_dict, read_config_dict
 from .metrics import EngineMetrics
 from .model.loader import load_checkpoint, random_params
 from .placement import Placement, PlacementError, rebalance, validate

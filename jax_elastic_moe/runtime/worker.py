@@ -314,7 +314,6 @@ class Worker:
 
     def commit(self, msg: dict):
         """Phase 2: staging -> weights region (after every rank finished its reads), then upload."""
-        np = self.np
         per = 3 * self.slot_bytes
         for m, j, i in self._plan:
             block = self.staging[i * per:(i + 1) * per]
