@@ -404,7 +404,7 @@ class Engine:
         """Waits for the background precompilation; returns how many fallback meshes (spmd) or
         shape sets (mooncake) are ready."""
         if self.mode == "mooncake":
-            return self._runner.wait_background()
+            return self._runner.fallbacks_ready()
         if self._fallback_thread is not None:
             self._fallback_thread.join()
         return len(self._fallbacks)

@@ -56,7 +56,8 @@ class RankError(RuntimeError):
 # ---------------------------------------------------------------------------------- child side
 
 
-def _die_with_parent():
+def die_with_parent():
+    """Linux: this process gets SIGKILL when its parent dies (children never outlive their starter)."""
     try:
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
         libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
@@ -119,7 +120,7 @@ _COMMANDS = {
 
 
 def _rank_main(conn, rank: int, num_ranks: int, transport_kwargs: dict, lifetime_s: float):
-    _die_with_parent()
+    die_with_parent()
     end = time.monotonic() + lifetime_s
     try:
         transport = Transport(rank, num_ranks, **transport_kwargs)

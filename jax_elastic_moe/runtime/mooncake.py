@@ -174,9 +174,9 @@ class MooncakeRuntime:
         """Per-rank (kind, batch, seq, cache_len) of global step shapes over n live ranks."""
         return [[kind, batch // n, *(rest if kind == "prefill" else [1, rest[-1]])] for kind, batch, *rest in shapes]
 
-    def wait_background(self) -> int:
-        """Fallback programs are compiled with the batch's own (ensure_compiled): nothing to wait for.
-        Returns how many fallback shape sets the live workers hold."""
+    def fallbacks_ready(self) -> int:
+        """How many fallback shape sets the live workers hold (compiled with the batch's own programs
+        in ensure_compiled, so there is nothing to wait for)."""
         return len(self._fallback_sets)
 
     def ensure_compiled(self, shapes: list, fallback: list | None = None) -> float:

@@ -32,7 +32,7 @@ def key_of(path: tuple) -> str:
 
 
 @functools.lru_cache(maxsize=16)
-def _abstract_model(cfg: ModelConfig, num_slots: int, dtype):
+def abstract_model(cfg: ModelConfig, num_slots: int, dtype):
     """(graphdef, [(path, abstract Param)]) of the model: traced once per shape, not per mesh."""
     abstract = nnx.eval_shape(lambda: MoEModel(cfg, num_slots, dtype))
     graphdef, state = nnx.split(abstract, nnx.Param)
@@ -54,7 +54,7 @@ class SpmdRunner:
             raise ValueError(f"placement is for {placement.num_ranks} ranks, mesh has {self.num_ranks}")
         self.slots_per_rank = placement.slots_per_rank
         self.mesh = Mesh(np.array(self.devices), (EP_AXIS,))
-        self.graphdef, self._variables = _abstract_model(cfg, placement.num_slots, jnp.dtype(dtype))
+        self.graphdef, self._variables = abstract_model(cfg, placement.num_slots, jnp.dtype(dtype))
         self.moe_layer_ids = [i for i, m in enumerate(cfg.moe_layers) if m]
         self.placement = placement
         self.params = params

@@ -10,23 +10,12 @@ part in every MoE layer of every step: the token exchange runs on the host, insi
 from __future__ import annotations
 
 import argparse
-import ctypes
 import os
-import signal
 import sys
 import threading
 import time
 
 EXPERT_PARAMS = ("w_gate", "w_up", "w_down")
-
-
-def _die_with_parent():
-    """Linux: this process gets SIGKILL when the process that started it dies (a local controller)."""
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
 
 
 class Worker:
@@ -96,7 +85,6 @@ class Worker:
         self.heartbeat = HeartbeatSender(msg["heartbeat_endpoint"], self.rank, incarnation=int(msg["incarnation"]),
                                          interval=float(msg["heartbeat_interval"]))
         self.heartbeat.start()
-        self.fault = None
         return {"address": self.transport.address.to_dict(), "pid": os.getpid()}
 
     def _upload_experts(self):
@@ -178,12 +166,11 @@ class Worker:
         from flax import nnx
 
         import jax.experimental  # noqa: F401  (io_callback)
-        from ..model.decoder import MoEModel
+
         from ..model.moe import EPContext
+        from .spmd import abstract_model
         from .sampling import sample
-        abstract = nnx.eval_shape(lambda: MoEModel(self.cfg, self.spr, self.dtype))
-        graphdef, state = nnx.split(abstract, nnx.Param)
-        variables = list(nnx.to_flat_state(state))
+        graphdef, variables = abstract_model(self.cfg, self.spr, jnp.dtype(self.dtype))
         rank = self.rank
 
         def run(dense, experts, tokens, positions, valid, cache, log2phy, active, step, sample_ids, rng,
@@ -221,9 +208,9 @@ class Worker:
     def _empty_cache(self, batch, cache_len):
         from flax import nnx
 
-        from ..model.decoder import MoEModel
-        model = nnx.eval_shape(lambda: MoEModel(self.cfg, self.spr, self.dtype))
-        return model.empty_cache(batch, cache_len)
+        from .spmd import abstract_model
+        graphdef, variables = abstract_model(self.cfg, self.spr, self.jnp.dtype(self.dtype))
+        return nnx.merge(graphdef, nnx.from_flat_state(variables)).empty_cache(batch, cache_len)
 
     def _abstract_args(self, kind, batch, seq, cache):
         jax, jnp = self.jax, self.jnp
@@ -239,8 +226,6 @@ class Worker:
     def step(self, msg: dict):
         """Runs one prefill or decode step of this rank's rows; returns its next tokens and counts."""
         jax, jnp, np = self.jax, self.jnp, self.np
-        if self.fault == "hang":
-            os.kill(os.getpid(), signal.SIGSTOP)
         kind, cache_len = msg["kind"], int(msg["cache_len"])
         tokens = np.asarray(msg["tokens"], np.int32)
         b = tokens.shape[0]
@@ -331,8 +316,8 @@ class Worker:
             self.transport.set_fault(delay_s=float(msg.get("delay_s", 0.2)))
         elif how == "drop":
             self.transport.set_fault(drop=True)
-        elif how == "hang":
-            self.fault = "hang"
+        else:
+            raise ValueError(f"fault {how!r}: a worker injects slow or drop (the controller kills or stops it)")
         return {}
 
     # -- loop -------------------------------------------------------------------------------------
@@ -378,7 +363,8 @@ def main(argv=None) -> int:
     ap.add_argument("--die-with-parent", action="store_true")
     args = ap.parse_args(argv)
     if args.die_with_parent:
-        _die_with_parent()
+        from .loopback import die_with_parent
+        die_with_parent()
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     os.environ.setdefault("MC_LOG_LEVEL", "ERROR")
     import logging
