@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import itertools
 import os
 import re
 import threading
 import time
+import warnings
 from typing import Sequence
 
 import jax
@@ -18,7 +20,7 @@ from .metrics import EngineMetrics
 from .model.loader import load_checkpoint, random_params
 from .placement import Placement, PlacementError, rebalance, validate
 from .runtime.controller import Controller, EngineDead, RankFailure, RecoveryRecord, compact
-from .runtime.spmd import SpmdRunner
+from .runtime.spmd import Portable, SpmdRunner
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
@@ -144,7 +146,9 @@ class Engine:
         self._failures: list[tuple] = []      # (rank, how, at_step, delay_s) injected, not yet fired
         self._fail_lock = threading.Lock()
         self._precompile = precompile_fallbacks
-        self._fallbacks: dict[frozenset, dict] = {}
+        self._fallbacks: dict[frozenset, dict] = {}     # survivor ranks -> steps loaded on their devices
+        self._portable: dict[int, dict] = {}            # mesh size -> {step shape: Portable}
+        self._stale: list[dict] = []                    # loaded steps no longer of use, to free
         self._cancel_fallbacks = threading.Event()
         self._fallback_thread: threading.Thread | None = None
         self._pending_record: tuple[RecoveryRecord, float, float] | None = None
@@ -353,6 +357,9 @@ class Engine:
         if self.mode == "spmd":
             self._cancel_fallbacks.set()        # a fallback not ready now is compiled here instead
             compiled = self._fallbacks.pop(frozenset(keep_ranks), None)
+            if compiled is None:                # compiled for another set of this size: load it here
+                compiled = self._load_portable([self._devices[r] for r in keep_ranks])
+                rec.compile_s = time.perf_counter() - t1
             rec.precompiled = compiled is not None
             runner, moved = self._runner.survivors([self._mesh_ranks.index(r) for r in keep_ranks],
                                                    compact(placement, alive), self._backup or {}, compiled)
@@ -365,38 +372,79 @@ class Engine:
         self._controller.install(epoch)
         self._runner, self._mesh_ranks, self._placement = runner, keep_ranks, placement
         self._active = epoch.active.copy()
-        self._fallbacks.clear()
-        rec.restore_s = time.perf_counter() - t1
+        # programs loaded for survivor sets inside the new one stay ready for the next failure; the
+        # others are freed later by the background thread (freeing one takes ~10 ms, holding the GIL)
+        self._stale += [self._fallbacks.pop(k) for k in list(self._fallbacks) if not k <= set(keep_ranks)]
+        rec.restore_s = time.perf_counter() - t1 - rec.compile_s
         if compiled is None and self._batch_shapes:
             rec.compile_s = runner.ensure_compiled([self._resume_shape(n, len(keep_ranks))
                                                     for n in self._batch_shapes])
         self._controller.records.append(rec)
         self._pending_record = (rec, time.perf_counter(), failure.failed_at)
 
+    def _load_portable(self, devices: list) -> dict | None:
+        """The steps of the current batch loaded onto `devices` from programs compiled for another
+        mesh of that size; None when some step was never compiled for that size."""
+        names = [self._resume_shape(n, len(devices)) for n in self._batch_shapes]
+        ready = self._portable.get(len(devices), {})
+        if not names or any(n not in ready for n in names):
+            return None
+        try:
+            return {n: ready[n].load(devices) for n in names}
+        except Exception as e:              # an executable this jaxlib cannot move: compile instead
+            warnings.warn(f"precompiled steps could not be loaded onto new devices ({e!r}); compiling")
+            return None
+
     def _start_fallbacks(self, shapes: list):
-        """Compiles, in the background, the steps for every mesh that one more failure would leave."""
+        """In the background: compiles the steps once per mesh size that up to fallback_depth more
+        failures would leave, then loads them onto the devices of every set of survivors one failure
+        away, and two or more away while that stays under 64 sets; a set not loaded in advance is
+        loaded when its failure comes (a fraction of a second), not compiled."""
         if not self._precompile or self._fallback_thread is not None and self._fallback_thread.is_alive():
             return
         alive = np.nonzero(self.alive)[0].tolist()
         loads, placement, devices = self.expert_loads(), self._placement, self._devices
         self._cancel_fallbacks = cancel = threading.Event()
+        depth = min(self.fallback_depth, len(alive) - 1)
 
-        def work():
-            for r in alive:
-                if cancel.is_set():
-                    return
-                keep = [k for k in alive if k != r]
-                if frozenset(keep) in self._fallbacks or not keep:
-                    continue
+        def compile_size(m: int) -> bool:
+            """Programs for len(alive) - m devices, compiled on the first m-failure the controller can serve."""
+            size = len(alive) - m
+            names = [self._resume_shape(n, size) for n in shapes]
+            have = self._portable.setdefault(size, {})
+            if all(n in have for n in names):
+                return True
+            for dead in itertools.islice(itertools.combinations(alive[::-1], m), 16):
                 try:
-                    _, p = self._controller.decide([r], loads, placement)
+                    _, p = self._controller.decide(list(dead), loads, placement)
                 except EngineDead:
                     continue
+                keep = [r for r in alive if r not in dead]
                 shadow = SpmdRunner(self.cfg, DTYPES[self.dtype], [devices[k] for k in keep],
                                     compact(p, np.isin(np.arange(self.num_ranks), keep)), None,
                                     self._runner.backend)
-                self._fallbacks[frozenset(keep)] = shadow.precompile(
-                    [self._resume_shape(name, len(keep)) for name in shapes])
+                for name, compiled in shadow.precompile(names).items():
+                    have[name] = Portable(compiled, shadow.devices)
+                return True
+            return False
+
+        def work():
+            while self._stale and not cancel.is_set():
+                self._stale.pop()
+            sizes = [m for m in range(1, depth + 1) if not cancel.is_set() and compile_size(m)]
+            budget = 64
+            for m in sizes:
+                size = len(alive) - m
+                for dead in itertools.combinations(alive, m):
+                    if cancel.is_set() or (m > 1 and budget <= 0):
+                        return
+                    keep = frozenset(alive) - set(dead)
+                    if keep not in self._fallbacks:
+                        got = self._load_portable([devices[k] for k in sorted(keep)])
+                        if got is None:
+                            break
+                        self._fallbacks[keep] = got
+                        budget -= m > 1
         self._fallback_thread = threading.Thread(target=work, daemon=True, name="jem-precompile")
         self._fallback_thread.start()
 

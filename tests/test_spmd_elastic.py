@@ -70,6 +70,51 @@ def test_precompiled_fallback_is_used(reference_tokens):
         assert rec["precompiled"] and rec["compile_s"] < 0.05
 
 
+def test_two_simultaneous_failures_use_programs_compiled_for_another_pair(reference_tokens):
+    # one compile per mesh size: the 6-device programs were compiled for some other pair of dead
+    # ranks and loaded onto these survivors' devices, in the background or at the failure
+    with jem.Engine.from_config("tiny", num_ranks=8, redundant_experts=8, seed=0,
+                                precompile_fallbacks=True) as eng:
+        eng.generate(PROMPTS, max_new_tokens=12, stop_token_ids=[])
+        assert eng.wait_fallbacks() == 8 + 28                            # every 1- and 2-failure survivor set
+        assert sorted(eng._portable) == [6, 7]
+        eng.fail_rank(1, at_step=5)
+        eng.fail_rank(4, at_step=5)
+        out = eng.generate(PROMPTS, max_new_tokens=12, stop_token_ids=[])
+        assert [r.token_ids for r in out] == reference_tokens
+        rec = eng.stats()["recoveries"][0]
+        assert rec["failed_ranks"] == [1, 4] and rec["precompiled"] and rec["compile_s"] < 0.05
+        validate(eng.placement, eng.alive)
+        check_weights(eng)
+
+
+def test_portable_program_matches_one_compiled_for_its_devices():
+    import jax
+    from jax_elastic_moe.runtime.controller import compact
+    from jax_elastic_moe.runtime.spmd import Portable, SpmdRunner
+    with jem.Engine.from_config("tiny", num_ranks=4, redundant_experts=4, seed=0) as eng:
+        run = eng._runner
+        _, p = eng._controller.decide([3], eng.expert_loads(), eng.placement)
+        p = compact(p, np.array([1, 1, 1, 0], bool))
+        devs = run.devices
+        a = SpmdRunner(run.cfg, run.dtype, devs[:3], p, None, run.backend)
+        b, _ = run.survivors([0, 2, 3], p, eng._backup)      # the mesh the program is moved onto
+        moved = Portable(a.decode_fn(6, 16), a.devices).load(b.devices)
+        native = b.decode_fn(6, 16)
+        cache = b.prefill(np.arange(6 * 16, dtype=np.int32).reshape(6, 16) % 200, np.full(6, 16, np.int32),
+                          np.arange(6, dtype=np.int32), 16, (0, 0.0, 1.0)) and b._cache
+        args = (b.put_batch(np.arange(6, dtype=np.int32)), b.put_batch(np.full(6, 15, np.int32)),
+                b.put_batch(np.ones(6, bool)), b.put_batch(np.arange(6, dtype=np.int32)), b.log2phy, b.active,
+                jax.random.key(0), np.float32(0.0), np.float32(1.0))
+        copy = jax.tree.map(lambda x: x.copy(), cache)
+        got, want = moved(b.params, copy, *args), native(b.params, cache, *args)
+        assert {s.device for s in got[0].addressable_shards} == set(b.devices)
+        for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+            assert np.array_equal(np.asarray(g), np.asarray(w))
+        with pytest.raises(ValueError, match="compiled for 3 devices"):
+            Portable(a.decode_fn(6, 16), a.devices).load(devs)
+
+
 def test_too_few_survivors_stop_the_engine_clearly():
     with jem.Engine.from_config("tiny", num_ranks=4, redundant_experts=0, seed=0) as eng:
         eng.fail_rank(1, at_step=1)

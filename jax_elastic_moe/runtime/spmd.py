@@ -8,6 +8,7 @@ devices from the arrays they already hold (plus the host backup for experts that
 from __future__ import annotations
 
 import functools
+import io
 import threading
 import time
 
@@ -16,6 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
+from jax._src import compiler as _compiler
+from jax.experimental import serialize_executable as _serialize
 from jax.sharding import PartitionSpec as P
 
 from ..config import ModelConfig
@@ -37,6 +40,45 @@ def abstract_model(cfg: ModelConfig, num_slots: int, dtype):
     abstract = nnx.eval_shape(lambda: MoEModel(cfg, num_slots, dtype))
     graphdef, state = nnx.split(abstract, nnx.Param)
     return graphdef, tuple(nnx.to_flat_state(state))
+
+
+class _OntoDevices(_serialize._JaxPjrtUnpickler):
+    """Unpickles a serialized executable onto other devices: each device id of the pickle (the
+    executable's, and those of its argument shardings) maps to the device at the same mesh position."""
+
+    def __init__(self, data: bytes, mapping: dict, devices: list):
+        super().__init__(io.BytesIO(data), devices[0].client, devices)
+        self._mapping, self._devices = mapping, devices
+
+    def persistent_load(self, pid):
+        if pid[0] == "device":
+            return self._mapping[pid[1]]
+        if pid[0] == "exec":        # the executable's own device assignment names the new devices too
+            options = _compiler.get_compile_options(
+                num_replicas=1, num_partitions=len(self._devices),
+                device_assignment=np.array(self._devices)[None, :])
+            return self.backend.deserialize_executable(pid[1], self.execution_devices, options)
+        return super().persistent_load(pid)
+
+
+class Portable:
+    """A compiled step that loads onto any mesh of as many devices as the one it was compiled for.
+
+    The SPMD program names mesh positions, never devices, so one compile per mesh size serves every
+    set of survivors of that size; loading (deserializing) costs a small fraction of compiling."""
+
+    def __init__(self, compiled, devices):
+        self.data, self.in_tree, self.out_tree = _serialize.serialize(compiled)
+        self.devices = list(devices)
+
+    def load(self, devices):
+        devices = list(devices)
+        if len(devices) != len(self.devices):
+            raise ValueError(f"compiled for {len(self.devices)} devices, asked to load on {len(devices)}")
+        mapping = {a.id: b for a, b in zip(self.devices, devices)}
+        exe, args, no_kwargs = _OntoDevices(self.data, mapping, devices).load()
+        return jax.stages.Compiled(exe.load(), [], self.in_tree.unflatten(args), self.out_tree,
+                                   no_kwargs=no_kwargs)
 
 
 class SpmdRunner:
