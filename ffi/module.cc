@@ -4,6 +4,7 @@
 #include <pybind11/pybind11.h>
 
 #include "csrc/dispatch.h"
+#include "csrc/grouped_matmul.h"
 #include "csrc/regroup.h"
 #include "csrc/segment_sum.h"
 
@@ -37,6 +38,9 @@ PYBIND11_MODULE(JEM_MODULE_NAME, m) {
     d["JemRegroup"] = Capsule(JEM_HANDLER(JemRegroup));
     d["JemUngroup"] = Capsule(JEM_HANDLER(JemUngroup));
     d["JemCombine"] = Capsule(JEM_HANDLER(JemCombine));
+#ifndef JEM_PLATFORM_CUDA
+    d["JemGroupedMatmul"] = Capsule(JemGroupedMatmulCpu);  // CUDA: the Mosaic GPU ragged_dot
+#endif
     return d;
   });
 }

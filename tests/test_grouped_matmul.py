@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jax_elastic_moe.ep import ffi
 from jax_elastic_moe.ep import grouped_matmul as gm
 from jax_elastic_moe.ep import reference
 
@@ -20,11 +21,68 @@ def make_experts(seed, m, h, i, groups, dtype=jnp.float32):
 
 def test_ragged_dot_path_equals_reference():
     x, sizes, w_gate, w_up, w_down = make_experts(0, 24, 16, 8, 3)
-    np.testing.assert_array_equal(np.asarray(gm.grouped_matmul(x, w_gate, sizes)),
+    np.testing.assert_array_equal(np.asarray(gm.grouped_matmul(x, w_gate, sizes, impl="ragged_dot")),
                                   np.asarray(jax.lax.ragged_dot(x, w_gate, sizes)))
-    got = gm.expert_mlp(x, sizes, w_gate, w_up, w_down)
+    got = gm.expert_mlp(x, sizes, w_gate, w_up, w_down, impl="ragged_dot")
     np.testing.assert_array_equal(np.asarray(got), np.asarray(reference.expert_mlp(x, sizes, w_gate, w_up, w_down)))
     assert not np.asarray(got[-2:]).any()  # rows past sum(group_sizes) are zero
+
+
+needs_cpu_kernel = pytest.mark.skipif(not ffi.has_target("jem_grouped_matmul", "cpu"),
+                                      reason=ffi.missing_reason("cpu") or "jem_grouped_matmul not built")
+
+
+def dense_reference(x, w, sizes):
+    """Row by row in float64: row r of group g times w[g]; rows past the groups are zero."""
+    x, w, sizes = (np.asarray(a, np.float64) for a in (x, w, sizes))
+    out = np.zeros((x.shape[0], w.shape[2]))
+    start = 0
+    for g, n in enumerate(sizes.astype(int)):
+        n = min(max(n, 0), x.shape[0] - start)
+        out[start:start + n] = x[start:start + n] @ w[g]
+        start += n
+    return out
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("m,k,n,groups", [(24, 16, 8, 3), (37, 64, 300, 5), (5, 7, 3, 1), (64, 256, 128, 9),
+                                          (16, 8, 520, 4)])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
+def test_cpu_kernel_matches_ragged_dot(m, k, n, groups, dtype):
+    rng = np.random.default_rng(m * 7 + groups)
+    sizes = rng.multinomial(m - 2, np.ones(groups + 1) / (groups + 1))[:groups].astype(np.int32)
+    sizes[groups // 2] = 0                                 # an empty group (an idle redundant slot)
+    x = jnp.asarray(rng.standard_normal((m, k)), dtype)
+    w = jnp.asarray(rng.standard_normal((groups, k, n)) / np.sqrt(k), dtype)
+    got = jax.jit(lambda a, b, c: gm.grouped_matmul(a, b, c, impl="ffi"))(x, w, jnp.asarray(sizes))
+    assert got.dtype == x.dtype and got.shape == (m, n)
+    want = dense_reference(x, w, sizes)
+    tol = 1e-5 if dtype == jnp.float32 else 2e-2
+    np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=tol, atol=tol)
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(jax.lax.ragged_dot(x, w, jnp.asarray(sizes)),
+                                                                      np.float32), rtol=tol, atol=tol)
+    assert not np.asarray(got[int(sizes.sum()):], np.float32).any()   # rows past the groups are zero
+
+
+@needs_cpu_kernel
+def test_cpu_kernel_clips_bad_group_sizes():
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((10, 4)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((3, 4, 6)), jnp.float32)
+    for sizes in ([-3, 4, 2], [6, 9, 9], [0, 0, 0]):          # negative counts as 0; past M is clipped
+        got = gm.grouped_matmul(x, w, jnp.asarray(sizes, jnp.int32), impl="ffi")
+        np.testing.assert_allclose(np.asarray(got), dense_reference(x, w, np.asarray(sizes)), rtol=1e-5, atol=1e-5)
+
+
+@needs_cpu_kernel
+def test_expert_mlp_on_the_cpu_kernel_matches_reference():
+    x, sizes, w_gate, w_up, w_down = make_experts(5, 40, 32, 16, 4)
+    assert gm._use_cpu_kernel("auto", x, w_gate)            # the default on the CPU
+    got = gm.expert_mlp(x, sizes, w_gate, w_up, w_down)
+    want = reference.expert_mlp(x, sizes, w_gate, w_up, w_down)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+    with pytest.raises(TypeError, match="must match"):
+        gm.grouped_matmul(x, w_gate.astype(jnp.bfloat16), sizes, impl="ffi")
 
 
 def test_fused_gate_up_equals_separate():

@@ -33,13 +33,17 @@ inline void AdviseHugePages(void* p, int64_t bytes) {
 #endif
 }
 
+// Always inlined, also into functions compiled for another target (target_clones), where GCC
+// leaves plain inline functions as calls.
+#define JEM_CONVERT inline __attribute__((always_inline))
+
 struct Bf16 {
   uint16_t bits;
 };
 
-inline float ToFloat(float v) { return v; }
-inline float ToFloat(_Float16 v) { return static_cast<float>(v); }
-inline float ToFloat(Bf16 v) {
+JEM_CONVERT float ToFloat(float v) { return v; }
+JEM_CONVERT float ToFloat(_Float16 v) { return static_cast<float>(v); }
+JEM_CONVERT float ToFloat(Bf16 v) {
   const uint32_t u = static_cast<uint32_t>(v.bits) << 16;
   float f;
   std::memcpy(&f, &u, 4);
@@ -47,14 +51,14 @@ inline float ToFloat(Bf16 v) {
 }
 
 template <typename T>
-inline T FromFloat(float f);
+JEM_CONVERT T FromFloat(float f);
 template <>
-inline float FromFloat<float>(float f) { return f; }
+JEM_CONVERT float FromFloat<float>(float f) { return f; }
 template <>
-inline _Float16 FromFloat<_Float16>(float f) { return static_cast<_Float16>(f); }
+JEM_CONVERT _Float16 FromFloat<_Float16>(float f) { return static_cast<_Float16>(f); }
 // Round to nearest even, as XLA's convert does; NaN stays NaN.
 template <>
-inline Bf16 FromFloat<Bf16>(float f) {
+JEM_CONVERT Bf16 FromFloat<Bf16>(float f) {
   uint32_t u;
   std::memcpy(&u, &f, 4);
   if ((u & 0x7fffffffu) > 0x7f800000u) return Bf16{static_cast<uint16_t>((u >> 16) | 0x40u)};

@@ -33,7 +33,9 @@ TARGETS = {
     "jem_regroup": "JemRegroup",
     "jem_ungroup": "JemUngroup",
     "jem_combine": "JemCombine",
+    "jem_grouped_matmul": "JemGroupedMatmul",     # CPU only (CUDA uses the Mosaic GPU ragged_dot)
 }
+OPTIONAL = {"jem_grouped_matmul"}
 _SUFFIX = {"cpu": "Cpu", "CUDA": "Cuda"}
 _MODULES = {"cpu": "jax_elastic_moe._ffi_cpu", "CUDA": "jax_elastic_moe._ffi_cuda"}
 FLOAT_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
@@ -69,9 +71,20 @@ def loaded_from(platform: str) -> str | None:
     return _loaded.get(xla_platform(platform))
 
 
+_targets: dict[str, set] = {}  # XLA platform -> the targets registered for it
+
+
+def has_target(target: str, platform: str | None = None) -> bool:
+    """Whether `target` (e.g. 'jem_grouped_matmul') is registered for `platform` (default: jax's)."""
+    return target in _targets.get(xla_platform(platform or jax.default_backend()), ())
+
+
 def _register(platform: str, capsules: dict, source: str) -> None:
     for target, symbol in TARGETS.items():
+        if symbol not in capsules and target in OPTIONAL:
+            continue
         jax.ffi.register_ffi_target(target, capsules[symbol], platform=platform)
+        _targets.setdefault(platform, set()).add(target)
     _loaded[platform] = source
     _missing.pop(platform, None)
 
@@ -95,7 +108,8 @@ def load_library(path, platform: str = "CUDA") -> None:
             return
         raise RuntimeError(f"FFI handlers for {platform} already registered from {_loaded[platform]}")
     lib = ctypes.CDLL(path)
-    capsules = {sym: jax.ffi.pycapsule(getattr(lib, sym + _SUFFIX[platform])) for sym in TARGETS.values()}
+    capsules = {sym: jax.ffi.pycapsule(getattr(lib, sym + _SUFFIX[platform])) for target, sym in TARGETS.items()
+                if target not in OPTIONAL or hasattr(lib, sym + _SUFFIX[platform])}
     _register(platform, capsules, path)
 
 
@@ -202,3 +216,12 @@ def combine(back, src_token, active, num_tokens, *, renormalize=False, send_w=No
                    (_sds((t, h), back.dtype), _sds((segment_scratch(n * c, t),), jnp.int32)),
                    back, src_token.astype(jnp.int32), live, scale)
     return out
+
+
+def grouped_matmul(x, w, group_sizes):
+    """x [M, K], w [G, K, N] (dtype of x), group_sizes [G] int -> [M, N]: as jax.lax.ragged_dot, with
+    work proportional to the rows inside groups (CPU; csrc/grouped_matmul.h)."""
+    _float("grouped_matmul", "x", x)
+    if w.dtype != x.dtype:
+        raise TypeError(f"grouped_matmul (ffi): w has dtype {w.dtype}, x has {x.dtype}; they must match")
+    return _call("jem_grouped_matmul", _sds((x.shape[0], w.shape[2]), x.dtype), x, w, group_sizes.astype(jnp.int32))

@@ -10,7 +10,11 @@ DeepSeek-V3 expert shapes it ran at 597 and 482 TFLOP/s against 46 and 47 for ja
 Its tile sizes are chosen per shape from MGPU_CONFIGS, fastest first (the first one won a sweep on an
 H200): a config must divide the shape, and is tried by compiling the kernel once for that shape
 (a tile that does not fit shared memory raises there); the first that compiles is cached and used.
-When none does, or elsewhere (CPU, other GPUs), jax.lax.ragged_dot is used.
+When none does, or on other GPUs, jax.lax.ragged_dot is used. On the CPU, the native kernel
+jem_grouped_matmul (csrc/cpu/grouped_matmul.cc) is used where it is built: XLA:CPU lowers ragged_dot
+to a dense matmul of every row with every group's matrix under a mask, so its cost grows with the
+number of groups (expert slots per rank: a redundant slot would add compute for every token), while
+the kernel's follows the rows actually routed.
 
 Rows past sum(group_sizes): jax.lax.ragged_dot gives zeros there; the Mosaic kernel leaves them
 unwritten, so with zero_tail=True (default) they are masked to zero. A caller that ignores those rows
@@ -26,7 +30,7 @@ import jax.numpy as jnp
 
 log = logging.getLogger(__name__)
 
-IMPLS = ("auto", "ragged_dot", "mgpu")
+IMPLS = ("auto", "ragged_dot", "mgpu", "ffi")
 
 # Fastest first. The first is the winner of a sweep on an H200 at DeepSeek-V3 shapes.
 MGPU_CONFIGS = (
@@ -105,10 +109,22 @@ def _use_mgpu(impl, x, w):
     return ok and is_hopper()
 
 
+def _use_cpu_kernel(impl, x, w):
+    from . import ffi
+    if impl == "ffi":
+        if not ffi.has_target("jem_grouped_matmul", "cpu") or jax.default_backend() != "cpu":
+            raise RuntimeError("impl='ffi' needs the CPU backend and the built jem_grouped_matmul kernel; "
+                               + (ffi.missing_reason("cpu") or "this build lacks it"))
+        return True
+    return (impl == "auto" and jax.default_backend() == "cpu" and ffi.has_target("jem_grouped_matmul", "cpu")
+            and x.dtype == w.dtype and jnp.dtype(x.dtype) in ffi.FLOAT_DTYPES)
+
+
 def grouped_matmul(x, w, group_sizes, *, zero_tail=True, impl="auto"):
     """x [M, K], w [G, K, N], group_sizes [G] int -> [M, N] in x's dtype: rows of group g (consecutive,
-    groups in order) times w[g]. impl: "auto" (Mosaic GPU kernel on Hopper, else jax.lax.ragged_dot),
-    "ragged_dot", or "mgpu" (the Mosaic kernel, falling back to ragged_dot when no tile config works)."""
+    groups in order) times w[g]. impl: "auto" (the native CPU kernel on the CPU where built, the Mosaic
+    GPU kernel on Hopper, else jax.lax.ragged_dot), "ragged_dot", "mgpu" (the Mosaic kernel, falling
+    back to ragged_dot when no tile config works), or "ffi" (the CPU kernel, an error without it)."""
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     if jnp.ndim(x) != 2 or jnp.ndim(w) != 3 or jnp.ndim(group_sizes) != 1:
@@ -119,6 +135,9 @@ def grouped_matmul(x, w, group_sizes, *, zero_tail=True, impl="auto"):
         raise ValueError(f"grouped_matmul: shapes do not fit: x {x.shape}, w {w.shape}, "
                          f"group_sizes {group_sizes.shape}")
     group_sizes = group_sizes.astype(jnp.int32)
+    if _use_cpu_kernel(impl, x, w):
+        from . import ffi
+        return ffi.grouped_matmul(x, w, group_sizes)
     if _use_mgpu(impl, x, w):
         config = choose_config(m, k, n, groups, jnp.dtype(x.dtype).name)
         if config is not None:

@@ -85,7 +85,9 @@ def routed_experts(x, ids, weights, w_gate, w_up, w_down, log2phy, ctx: EPContex
     k = send_slot.shape[-1]
     grouped, sizes, entry_row, entry_w = ops.regroup(send_x.reshape(n * t, -1), send_slot.reshape(n * t, k),
                                                      send_w.reshape(n * t, k), spr, backend=be)
-    y = grouped_matmul.expert_mlp(grouped, sizes, w_gate, w_up, w_down)
+    # backend "jax" keeps the experts' matmul pure JAX as well (ragged_dot) on the CPU
+    impl = "ragged_dot" if be == "jax" and jax.default_backend() == "cpu" else "auto"
+    y = grouped_matmul.expert_mlp(grouped, sizes, w_gate, w_up, w_down, impl=impl)
     rows = ops.ungroup(y, entry_row, entry_w, n * t, backend=be).reshape(n, t, -1)
     (rows,) = _exchange(ctx, [rows], moe_layer, 1)
     return ops.combine(rows, src_token, ctx.active, t, backend=be)
