@@ -149,6 +149,7 @@ class Engine:
         self._fallbacks: dict[frozenset, dict] = {}     # survivor ranks -> steps loaded on their devices
         self._portable: dict[int, dict] = {}            # mesh size -> {step shape: Portable}
         self._stale: list[dict] = []                    # loaded steps no longer of use, to free
+        self._fallbacks_for: tuple | None = None        # (survivors, step shapes) the fallbacks are for
         self._cancel_fallbacks = threading.Event()
         self._fallback_thread: threading.Thread | None = None
         self._pending_record: tuple[RecoveryRecord, float, float] | None = None
@@ -403,6 +404,9 @@ class Engine:
         if not self._precompile or self._fallback_thread is not None and self._fallback_thread.is_alive():
             return
         alive = np.nonzero(self.alive)[0].tolist()
+        key = (tuple(alive), tuple(shapes))
+        if key == self._fallbacks_for and not self._stale:
+            return                          # done for these survivors and step shapes
         loads, placement, devices = self.expert_loads(), self._placement, self._devices
         self._cancel_fallbacks = cancel = threading.Event()
         depth = min(self.fallback_depth, len(alive) - 1)
@@ -431,13 +435,15 @@ class Engine:
         def work():
             while self._stale and not cancel.is_set():
                 self._stale.pop()
+                time.sleep(0.01)            # freeing holds the GIL: leave the serving thread room
             sizes = [m for m in range(1, depth + 1) if not cancel.is_set() and compile_size(m)]
             budget = 64
             for m in sizes:
-                size = len(alive) - m
                 for dead in itertools.combinations(alive, m):
-                    if cancel.is_set() or (m > 1 and budget <= 0):
+                    if cancel.is_set():
                         return
+                    if m > 1 and budget <= 0:
+                        break
                     keep = frozenset(alive) - set(dead)
                     if keep not in self._fallbacks:
                         got = self._load_portable([devices[k] for k in sorted(keep)])
@@ -445,6 +451,7 @@ class Engine:
                             break
                         self._fallbacks[keep] = got
                         budget -= m > 1
+            self._fallbacks_for = key
         self._fallback_thread = threading.Thread(target=work, daemon=True, name="jem-precompile")
         self._fallback_thread.start()
 
@@ -630,10 +637,10 @@ class Engine:
         done = np.zeros(bp, bool)
         done[b:] = True
         positions = lens.copy()
-        if self._precompile and self.mode == "spmd":
-            self._start_fallbacks(self._batch_shapes)
         while True:
             self._good_step(int((~done).sum()))
+            if self._precompile and self.mode == "spmd":     # after the first good step (the end of a recovery)
+                self._start_fallbacks(self._batch_shapes)
             self._loads.append(counts)
             for i, r in enumerate(reqs):
                 if not r.done:
