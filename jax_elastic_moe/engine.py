@@ -150,6 +150,8 @@ class Engine:
         self._portable: dict[int, dict] = {}            # mesh size -> {step shape: Portable}
         self._stale: list[dict] = []                    # loaded steps no longer of use, to free
         self._fallbacks_for: tuple | None = None        # (survivors, step shapes) the fallbacks are for
+        self._busy = False                              # inside generate()
+        self._freer: threading.Thread | None = None
         self._cancel_fallbacks = threading.Event()
         self._fallback_thread: threading.Thread | None = None
         self._pending_record: tuple[RecoveryRecord, float, float] | None = None
@@ -197,6 +199,8 @@ class Engine:
     def close(self):
         if self._fallback_thread is not None:
             self._fallback_thread.join()
+        self._stale.clear()
+        self._fallbacks.clear()
         if self.mode == "mooncake" and self._runner is not None:
             self._runner.close()
         self._closed = True
@@ -374,7 +378,7 @@ class Engine:
         self._runner, self._mesh_ranks, self._placement = runner, keep_ranks, placement
         self._active = epoch.active.copy()
         # programs loaded for survivor sets inside the new one stay ready for the next failure; the
-        # others are freed later by the background thread (freeing one takes ~10 ms, holding the GIL)
+        # others are freed when the engine is idle (freeing one takes ~15 ms, holding the GIL)
         self._stale += [self._fallbacks.pop(k) for k in list(self._fallbacks) if not k <= set(keep_ranks)]
         rec.restore_s = time.perf_counter() - t1 - rec.compile_s
         if compiled is None and self._batch_shapes:
@@ -405,7 +409,7 @@ class Engine:
             return
         alive = np.nonzero(self.alive)[0].tolist()
         key = (tuple(alive), tuple(shapes))
-        if key == self._fallbacks_for and not self._stale:
+        if key == self._fallbacks_for:
             return                          # done for these survivors and step shapes
         loads, placement, devices = self.expert_loads(), self._placement, self._devices
         self._cancel_fallbacks = cancel = threading.Event()
@@ -433,9 +437,6 @@ class Engine:
             return False
 
         def work():
-            while self._stale and not cancel.is_set():
-                self._stale.pop()
-                time.sleep(0.01)            # freeing holds the GIL: leave the serving thread room
             sizes = [m for m in range(1, depth + 1) if not cancel.is_set() and compile_size(m)]
             budget = 64
             for m in sizes:
@@ -557,6 +558,34 @@ class Engine:
             bar = tqdm(total=len(reqs) * max_new_tokens, desc="generate", unit="tok")
         self._step = 0
         self._last_good = time.perf_counter()
+        self._busy = True
+        try:
+            self._generate(reqs, max_new_tokens, sampling, stops, bar)
+        finally:
+            self._busy = False
+            self._free_stale_when_idle()
+        if bar is not None:
+            bar.close()
+        results = [GenerationResult(token_ids=r.out, prompt_token_ids=r.prompt,
+                                    finish_reason="stop" if r.out and r.out[-1] in stops else "length")
+                   for r in reqs]
+        if self.tokenizer is not None:
+            for r in results:
+                r.text = self.tokenizer.decode(r.token_ids)
+        return results
+
+    def _free_stale_when_idle(self):
+        """Frees, in the background, the programs of survivor sets no failure can leave any more, one
+        at a time while no generate() runs (each holds the GIL ~15 ms: never on a serving path)."""
+        def free():
+            while self._stale and not self._busy:
+                self._stale.pop()
+                time.sleep(0.005)
+        if self._stale and (self._freer is None or not self._freer.is_alive()):
+            self._freer = threading.Thread(target=free, daemon=True, name="jem-free-programs")
+            self._freer.start()
+
+    def _generate(self, reqs, max_new_tokens, sampling, stops, bar):
         for start in range(0, len(reqs), self.max_batch_size):
             chunk = reqs[start:start + self.max_batch_size]
             cache_len = _bucket(_bucket(max(len(r.prompt) for r in chunk)) + max_new_tokens)
@@ -579,15 +608,6 @@ class Engine:
                     if retries > 5:
                         raise RuntimeError(f"steps keep timing out with every rank alive ({f.reason}); "
                                            f"raise exchange_timeout (now {self._exchange_timeout} s)") from f
-        if bar is not None:
-            bar.close()
-        results = [GenerationResult(token_ids=r.out, prompt_token_ids=r.prompt,
-                                    finish_reason="stop" if r.out and r.out[-1] in stops else "length")
-                   for r in reqs]
-        if self.tokenizer is not None:
-            for r in results:
-                r.text = self.tokenizer.decode(r.token_ids)
-        return results
 
     def _good_step(self, tokens: int):
         now = time.perf_counter()
@@ -637,10 +657,15 @@ class Engine:
         done = np.zeros(bp, bool)
         done[b:] = True
         positions = lens.copy()
+        # Fallbacks start after the first step of a batch, never in one resumed after a failure: the
+        # programs one more failure needs were compiled (fallback_depth 2) before the failure, and the
+        # next ones would compete with serving for the host right after the recovery.
+        fallbacks = self._precompile and self.mode == "spmd" and not resumed
         while True:
             self._good_step(int((~done).sum()))
-            if self._precompile and self.mode == "spmd":     # after the first good step (the end of a recovery)
+            if fallbacks:
                 self._start_fallbacks(self._batch_shapes)
+                fallbacks = False
             self._loads.append(counts)
             for i, r in enumerate(reqs):
                 if not r.done:
