@@ -159,7 +159,7 @@ class Engine:
         self._batch_shapes: list = []
         self.step_log: list[tuple[float, int]] = []    # (time.perf_counter() at the end, tokens made)
         self.transient_retries = 0          # steps run again after a timeout with nobody dead
-        self.fallback_depth = fallback_depth  # mooncake: programs ready for up to this many more failures
+        self.fallback_depth = fallback_depth  # programs ready for up to this many more failures
         self._exchange_timeout = exchange_timeout
         self.metrics = None if metrics_port is None else EngineMetrics(num_ranks, metrics_port)   # 0: a free port
         self.metrics_port = None if self.metrics is None else self.metrics.port

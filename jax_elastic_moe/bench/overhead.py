@@ -14,7 +14,9 @@ tokens/s; the spread is that of the per-pair ratios. On a shared machine other p
 at random moments; two checks less exposed to that are reported beside it: ratio_of_best (fastest
 elastic run / fastest plain run) and cpu_ratio (output tokens per CPU-second of this process,
 elastic / plain: the work per token, whoever else runs). In spmd mode, flops_ratio = XLA's flop count
-of the compiled decode step, plain / elastic: the extra work the elastic configuration compiles in."""
+of the compiled decode step, plain / elastic: the extra work the elastic configuration compiles in
+(XLA does not see inside FFI kernels: with the CPU grouped matmul kernel the experts' matmuls are
+outside that count)."""
 from __future__ import annotations
 
 import argparse
