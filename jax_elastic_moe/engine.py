@@ -579,7 +579,10 @@ class Engine:
         at a time while no generate() runs (each holds the GIL ~15 ms: never on a serving path)."""
         def free():
             while self._stale and not self._busy:
-                self._stale.pop()
+                try:
+                    self._stale.pop()
+                except IndexError:          # emptied by close()
+                    return
                 time.sleep(0.005)
         if self._stale and (self._freer is None or not self._freer.is_alive()):
             self._freer = threading.Thread(target=free, daemon=True, name="jem-free-programs")

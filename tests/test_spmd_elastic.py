@@ -1,4 +1,6 @@
 """One-process elastic path on 8 fake CPU devices: fail ranks mid-generation, keep every request."""
+import time
+
 import numpy as np
 import pytest
 
@@ -86,6 +88,12 @@ def test_two_simultaneous_failures_use_programs_compiled_for_another_pair(refere
         assert rec["failed_ranks"] == [1, 4] and rec["precompiled"] and rec["compile_s"] < 0.05
         validate(eng.placement, eng.alive)
         check_weights(eng)
+        # programs kept: those of survivor sets inside the new mesh; the others are freed while idle
+        assert all(k <= set(eng.stats()["alive_ranks"]) for k in eng._fallbacks)
+        deadline = time.monotonic() + 20
+        while eng._stale and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not eng._stale
 
 
 def test_portable_program_matches_one_compiled_for_its_devices():
