@@ -431,8 +431,12 @@ class Engine:
                 shadow = SpmdRunner(self.cfg, DTYPES[self.dtype], [devices[k] for k in keep],
                                     compact(p, np.isin(np.arange(self.num_ranks), keep)), None,
                                     self._runner.backend)
-                for name, compiled in shadow.precompile(names).items():
-                    have[name] = Portable(compiled, shadow.devices)
+                try:
+                    for name, compiled in shadow.precompile(names).items():
+                        have[name] = Portable(compiled, shadow.devices)
+                except Exception as e:      # a program that cannot be serialized: compile at the failure
+                    warnings.warn(f"fallback programs for {size} devices not prepared ({e!r})")
+                    return False
                 return True
             return False
 
