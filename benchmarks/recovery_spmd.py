@@ -60,7 +60,6 @@ def main():
     rows = []
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")])))
     for k in [int(x) for x in args.fail.split(",")]:
-        survivors = args.ranks - k
         restart_wall, restart_s = full_restart_s(args.config, args.ranks, args.redundant, prompts, env)
         variants = [("none", False, None), ("precompiled", True, None)]
         if args.cache_dir:        # the persistent cache, warmed by an identical failure in an earlier engine

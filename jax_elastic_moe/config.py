@@ -73,9 +73,6 @@ class ModelConfig:
     def rope_scaling_dict(self) -> dict | None:
         return dict(self.rope_scaling) if self.rope_scaling else None
 
-    def expert_param_count(self) -> int:
-        return 3 * self.hidden_size * self.moe_intermediate_size
-
 
 def _req(d: dict, *names, default=None, required=True):
     for n in names:

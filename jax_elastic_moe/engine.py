@@ -363,7 +363,7 @@ class Engine:
             self._cancel_fallbacks.set()        # a fallback not ready now is compiled here instead
             compiled = self._fallbacks.pop(frozenset(keep_ranks), None)
             if compiled is None:                # compiled for another set of this size: load it here
-                compiled = self._load_portable([self._devices[r] for r in keep_ranks])
+                compiled = self._load_portable([self._devices[r] for r in keep_ranks], self._batch_shapes)
                 rec.compile_s = time.perf_counter() - t1
             rec.precompiled = compiled is not None
             runner, moved = self._runner.survivors([self._mesh_ranks.index(r) for r in keep_ranks],
@@ -387,10 +387,10 @@ class Engine:
         self._controller.records.append(rec)
         self._pending_record = (rec, time.perf_counter(), failure.failed_at)
 
-    def _load_portable(self, devices: list) -> dict | None:
-        """The steps of the current batch loaded onto `devices` from programs compiled for another
-        mesh of that size; None when some step was never compiled for that size."""
-        names = [self._resume_shape(n, len(devices)) for n in self._batch_shapes]
+    def _load_portable(self, devices: list, shapes: list) -> dict | None:
+        """The steps of a batch (`shapes`, as _batch_shapes) loaded onto `devices` from programs compiled
+        for another mesh of that size; None when some step was never compiled for that size."""
+        names = [self._resume_shape(n, len(devices)) for n in shapes]
         ready = self._portable.get(len(devices), {})
         if not names or any(n not in ready for n in names):
             return None
@@ -451,7 +451,7 @@ class Engine:
                         break
                     keep = frozenset(alive) - set(dead)
                     if keep not in self._fallbacks:
-                        got = self._load_portable([devices[k] for k in sorted(keep)])
+                        got = self._load_portable([devices[k] for k in sorted(keep)], shapes)
                         if got is None:
                             break
                         self._fallbacks[keep] = got

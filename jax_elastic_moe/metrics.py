@@ -39,7 +39,6 @@ class EngineMetrics:
         self.active_ranks.set(num_ranks)
         self._server, self._thread = start_http_server(port, addr=addr, registry=registry)
         self.port: int = self._server.server_port
-        self.addr = addr
 
     def on_step(self, latency_s: float, tokens: int):
         self.step_latency.observe(latency_s)

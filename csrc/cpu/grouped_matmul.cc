@@ -23,35 +23,19 @@ namespace {
 
 // 8 floats: one AVX register in the AVX2 clone, two SSE registers in the baseline one.
 typedef float F8 __attribute__((vector_size(32)));
-typedef uint16_t U8 __attribute__((vector_size(16)));
-typedef uint32_t U32x8 __attribute__((vector_size(32)));
-typedef _Float16 H8 __attribute__((vector_size(16)));
 
 JEM_INLINE F8 Load8(const float* p) {
   F8 v;
   std::memcpy(&v, p, sizeof v);
   return v;
 }
-JEM_INLINE F8 Load8(const Bf16* p) {
-  U8 u;
-  std::memcpy(&u, p, sizeof u);
-  U32x8 wide = __builtin_convertvector(u, U32x8) << 16;
-  F8 v;
-  std::memcpy(&v, &wide, sizeof v);
-  return v;
-}
-JEM_INLINE F8 Load8(const _Float16* p) {
-  H8 h;
-  std::memcpy(&h, p, sizeof h);
-  return __builtin_convertvector(h, F8);
-}
 
 constexpr int64_t kCols = 16;  // columns per register tile: two F8 per row
 
-// out[i, :16] = x[i, :k] @ panel for RB rows of x (row stride k); panel [k, 16] float32, packed.
-// The 2 * RB sums stay in registers over the whole contraction.
+// out[i, :16] = x[i, :k] @ panel for RB rows of x (row stride k) into out (row stride ldo); panel
+// [k, 16] float32, packed. The 2 * RB sums stay in registers over the whole contraction.
 template <int RB, typename T>
-JEM_INLINE void Tile(const T* x, int64_t k, const float* panel, T* out, int64_t n) {
+JEM_INLINE void Tile(const T* x, int64_t k, const float* panel, T* out, int64_t ldo) {
   F8 c0[RB], c1[RB];
   for (int i = 0; i < RB; ++i) c0[i] = c1[i] = F8{};
   for (int64_t kk = 0; kk < k; ++kk) {
@@ -64,8 +48,8 @@ JEM_INLINE void Tile(const T* x, int64_t k, const float* panel, T* out, int64_t 
   }
   for (int i = 0; i < RB; ++i)
     for (int j = 0; j < 8; ++j) {
-      out[i * n + j] = FromFloat<T>(c0[i][j]);
-      out[i * n + 8 + j] = FromFloat<T>(c1[i][j]);
+      out[i * ldo + j] = FromFloat<T>(c0[i][j]);
+      out[i * ldo + 8 + j] = FromFloat<T>(c1[i][j]);
     }
 }
 

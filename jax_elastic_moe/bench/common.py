@@ -14,6 +14,8 @@ import sys
 
 import numpy as np
 
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the checkout
+
 MODES = ("spmd", "mooncake")
 
 
@@ -60,7 +62,7 @@ def cpu_model() -> str:
 
 def _git_commit() -> str | None:
     """The checkout's commit, with "+changes" when tracked files differ from it."""
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    root = REPO_ROOT
     try:
         head = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"], capture_output=True,
                               text=True, timeout=10).stdout.strip()

@@ -12,8 +12,7 @@ import tempfile
 
 from . import common
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-KERNELS_SCRIPT = os.path.join(REPO_ROOT, "benchmarks", "kernels.py")
+KERNELS_SCRIPT = os.path.join(common.REPO_ROOT, "benchmarks", "kernels.py")
 
 
 def _split_output_args(prog: str, argv):

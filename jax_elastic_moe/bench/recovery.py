@@ -78,8 +78,7 @@ def restart_seconds(args, prompts) -> dict:
     if args.compilation_cache_dir:
         engine["compilation_cache_dir"] = args.compilation_cache_dir
     spec = {"config": args.config, "ranks": args.ranks, "engine": engine, "prompts": prompts}
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [common.REPO_ROOT, os.environ.get("PYTHONPATH")])))
     spawned = time.time()
     out = subprocess.run([sys.executable, "-c", RESTART_CHILD, json.dumps(spec)], capture_output=True,
                          text=True, timeout=900, env=env)

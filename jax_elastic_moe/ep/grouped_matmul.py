@@ -28,6 +28,8 @@ import logging
 import jax
 import jax.numpy as jnp
 
+from . import ffi
+
 log = logging.getLogger(__name__)
 
 IMPLS = ("auto", "ragged_dot", "mgpu", "ffi")
@@ -109,8 +111,13 @@ def _use_mgpu(impl, x, w):
     return ok and is_hopper()
 
 
+def impl_for_backend(backend: str) -> str:
+    """The grouped-matmul impl of an EP ops backend (ops.BACKENDS): "jax" keeps the experts' matmul
+    pure JAX on the CPU too (ragged_dot); otherwise "auto"."""
+    return "ragged_dot" if backend == "jax" and jax.default_backend() == "cpu" else "auto"
+
+
 def _use_cpu_kernel(impl, x, w):
-    from . import ffi
     if impl == "ffi":
         if not ffi.has_target("jem_grouped_matmul", "cpu") or jax.default_backend() != "cpu":
             raise RuntimeError("impl='ffi' needs the CPU backend and the built jem_grouped_matmul kernel; "
@@ -136,7 +143,6 @@ def grouped_matmul(x, w, group_sizes, *, zero_tail=True, impl="auto"):
                          f"group_sizes {group_sizes.shape}")
     group_sizes = group_sizes.astype(jnp.int32)
     if _use_cpu_kernel(impl, x, w):
-        from . import ffi
         return ffi.grouped_matmul(x, w, group_sizes)
     if _use_mgpu(impl, x, w):
         config = choose_config(m, k, n, groups, jnp.dtype(x.dtype).name)

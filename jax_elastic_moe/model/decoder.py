@@ -57,7 +57,7 @@ class MoEModel(nnx.Module):
             h = layer.post_norm(x)
             if layer.is_moe:
                 with jax.named_scope("moe"):
-                    m, c = layer.mlp(h, ctx.log2phy[moe_index], ctx, moe_index)
+                    m, c = layer.mlp(h, ctx, moe_index)
                 counts.append(c)
                 moe_index += 1
             else:

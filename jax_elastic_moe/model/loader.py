@@ -92,7 +92,7 @@ class _TensorIndex:
             if not files:
                 raise CheckpointError(f"no *.safetensors files in {path}")
             weight_map = None
-        self.handles, self.where = {}, {}
+        self.handles, self.where, self.keys = {}, {}, {}
         for name in files:
             full = os.path.join(path, name)
             if not os.path.exists(full):
@@ -102,17 +102,25 @@ class _TensorIndex:
             except Exception as e:
                 raise CheckpointError(f"cannot read {full}: {e}") from e
             self.handles[name] = h
-            for key in h.keys():
+            self.keys[name] = set(h.keys())
+            for key in self.keys[name]:
                 self.where[key] = name
         if weight_map:
             for key, name in weight_map.items():
                 self.where.setdefault(key, name)
 
+    def _shard(self, key: str) -> str | None:
+        return self.where.get(key) or self.where.get(key.removeprefix("model."))
+
+    def has(self, key: str) -> bool:
+        """Whether the checkpoint names `key` (without reading it)."""
+        return self._shard(key) is not None
+
     def get(self, key: str) -> np.ndarray | None:
-        name = self.where.get(key) or self.where.get(key.removeprefix("model."))
+        name = self._shard(key)
         if name is None:
             return None
-        k = key if key in self.handles[name].keys() else key.removeprefix("model.")
+        k = key if key in self.keys[name] else key.removeprefix("model.")
         return np.asarray(self.handles[name].get_tensor(k))
 
 
@@ -121,7 +129,7 @@ def _convert(cfg: ModelConfig, path: tuple, idx: _TensorIndex, shape: tuple) -> 
     leaf = path[-1]
     if isinstance(names, list):
         fused = names[0].rsplit(".experts.", 1)[0] + ".experts."
-        if idx.get(names[0]) is None and idx.get(fused + "down_proj") is not None:
+        if not idx.has(names[0]) and idx.has(fused + "down_proj"):
             return _fused_experts(cfg, path, idx, fused)
         mats = []
         want = tuple(shape[1:][::-1])      # torch layout [out, in]

@@ -12,7 +12,6 @@ from flax import nnx
 
 from ..config import ModelConfig
 from ..ep import grouped_matmul, ops
-from ..ep import reference as ep
 from .layers import MLP, Linear, normal
 
 
@@ -73,21 +72,19 @@ def route(cfg: ModelConfig, x, router_w, bias):
     return ids.astype(jnp.int32), w * cfg.routed_scaling_factor
 
 
-def routed_experts(x, ids, weights, w_gate, w_up, w_down, log2phy, ctx: EPContext, moe_layer: int = 0):
+def routed_experts(x, ids, weights, w_gate, w_up, w_down, log2phy, ctx: EPContext, moe_layer: int):
     """x [T, H]; ids/weights [T, K]; local expert weights [S, H, I] / [S, I, H]; log2phy [E, R].
     Returns [T, H]: sum over top-k of weight * expert(x), the experts run wherever their slots are."""
     n, spr = ctx.num_ranks, ctx.slots_per_rank
     t = x.shape[0]
-    slots = ep.choose_slots(ids, ctx.token_index, log2phy, ctx.active, spr)
+    slots = ops.choose_slots(ids, ctx.token_index, log2phy, ctx.active, spr)
     be = ctx.backend
     send_x, send_slot, send_w, _, src_token = ops.dispatch(x, slots, weights.astype(x.dtype), n, spr, backend=be)
     send_x, send_slot, send_w = _exchange(ctx, [send_x, send_slot, send_w], moe_layer, 0)
     k = send_slot.shape[-1]
     grouped, sizes, entry_row, entry_w = ops.regroup(send_x.reshape(n * t, -1), send_slot.reshape(n * t, k),
                                                      send_w.reshape(n * t, k), spr, backend=be)
-    # backend "jax" keeps the experts' matmul pure JAX as well (ragged_dot) on the CPU
-    impl = "ragged_dot" if be == "jax" and jax.default_backend() == "cpu" else "auto"
-    y = grouped_matmul.expert_mlp(grouped, sizes, w_gate, w_up, w_down, impl=impl)
+    y = grouped_matmul.expert_mlp(grouped, sizes, w_gate, w_up, w_down, impl=grouped_matmul.impl_for_backend(be))
     rows = ops.ungroup(y, entry_row, entry_w, n * t, backend=be).reshape(n, t, -1)
     (rows,) = _exchange(ctx, [rows], moe_layer, 1)
     return ops.combine(rows, src_token, ctx.active, t, backend=be)
@@ -110,7 +107,7 @@ class MoEBlock(nnx.Module):
         self.shared = MLP(h, cfg.shared_intermediate_size, cfg, dtype, rngs) if cfg.shared_intermediate_size else None
         self.shared_gate = Linear(h, 1, bias=False, cfg=cfg, dtype=dtype, rngs=rngs) if cfg.shared_expert_gate else None
 
-    def __call__(self, x, log2phy, ctx: EPContext, moe_layer: int = 0):
+    def __call__(self, x, ctx: EPContext, moe_layer: int):
         """x [B, S, H] -> ([B, S, H], expert token counts [E] int32 over valid tokens, all ranks)."""
         b, s, h = x.shape
         flat = x.reshape(b * s, h)
@@ -120,8 +117,8 @@ class MoEBlock(nnx.Module):
             jnp.broadcast_to(ctx.valid[:, None], ids.shape).astype(jnp.int32))
         if ctx.axis_name is not None and ctx.num_ranks > 1:
             counts = jax.lax.psum(counts, ctx.axis_name)
-        out = routed_experts(flat, ids, w, self.w_gate[...], self.w_up[...], self.w_down[...], log2phy, ctx,
-                             moe_layer)
+        out = routed_experts(flat, ids, w, self.w_gate[...], self.w_up[...], self.w_down[...],
+                             ctx.log2phy[moe_layer], ctx, moe_layer)
         if self.shared is not None:
             sh = self.shared(flat)
             if self.shared_gate is not None:

@@ -47,11 +47,6 @@ class Placement:
         """[S] int32: the rank that holds each slot."""
         return (np.arange(self.num_slots) // self.slots_per_rank).astype(np.int32)
 
-    def ranks_used(self) -> np.ndarray:
-        """[num_ranks] bool: ranks holding at least one expert in some layer."""
-        held = (self.phy2log >= 0).reshape(self.num_layers, self.num_ranks, self.slots_per_rank)
-        return held.any(axis=(0, 2))
-
     def __eq__(self, other) -> bool:
         return (isinstance(other, Placement) and self.num_ranks == other.num_ranks
                 and self.slots_per_rank == other.slots_per_rank

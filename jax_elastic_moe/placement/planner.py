@@ -290,7 +290,6 @@ def _probability_text(row: dict) -> str:
 
 def format_report(report: dict) -> str:
     """The report as the tables `jem plan` prints."""
-    gib = report["expert_bytes"] / 2**30
     load_names = report["loads"]
     seq = report["sequential"]
     steps = {step["k"]: step for step in seq["steps"]}
@@ -325,7 +324,7 @@ def format_report(report: dict) -> str:
                           f"({report['simultaneous'][n]['replicas_min']}..{report['simultaneous'][n]['replicas_max']} "
                           f"replicas per expert)" for n in load_names),
               "",
-              f"load imbalance, max / mean rank load (mean and worst over layers), all ranks alive:",
+              "load imbalance, max / mean rank load (mean and worst over layers), all ranks alive:",
               f"{'policy':<24}" + "".join(f"{n + ' mean':>16}{n + ' max':>16}" for n in load_names) + f"{'seconds':>10}"]
     for name, by_load in report["imbalance"].items():
         seconds = max(v["seconds"] for v in by_load.values())

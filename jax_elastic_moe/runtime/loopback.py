@@ -153,6 +153,16 @@ def _rank_main(conn, rank: int, num_ranks: int, transport_kwargs: dict, lifetime
 # ---------------------------------------------------------------------------------- parent side
 
 
+def proc_state(stat_path: str) -> str | None:
+    """The state letter of a Linux /proc/<pid>[/task/<tid>]/stat file ("R", "S", "T", ...); None when
+    it cannot be read (no such process, not Linux)."""
+    try:
+        with open(stat_path) as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return None
+
+
 def _wait_stopped(pid: int, timeout: float):
     """Wait until every thread of `pid` is in state T (stopped); Linux /proc, else a short sleep."""
     task_dir = f"/proc/{pid}/task"
@@ -161,13 +171,8 @@ def _wait_stopped(pid: int, timeout: float):
         return
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        states = []
-        for tid in os.listdir(task_dir):
-            try:
-                with open(f"{task_dir}/{tid}/stat") as f:
-                    states.append(f.read().rsplit(")", 1)[1].split()[0])
-            except OSError:  # thread exited meanwhile
-                continue
+        states = [st for tid in os.listdir(task_dir)        # None: the thread exited meanwhile
+                  if (st := proc_state(f"{task_dir}/{tid}/stat")) is not None]
         if states and all(state in "Tt" for state in states):
             return
         time.sleep(0.001)

@@ -17,13 +17,13 @@ import time
 
 import numpy as np
 
+from ..model.loader import EXPERT_PARAMS
 from ..placement import Placement
 from .controller import EngineDead, RankFailure
 from .control import ControlServer, ControlTimeout, message
 from .detector import HeartbeatMonitor, new_incarnation
+from .loopback import proc_state
 from .protocol import register_messages
-
-EXPERTS = ("w_gate", "w_up", "w_down")
 
 
 class WorkerProcess:
@@ -39,11 +39,8 @@ class WorkerProcess:
         """Whether the process is stopped (SIGSTOP): None when unknown (not a local child)."""
         if self.proc is None or self.pid is None:
             return None
-        try:
-            with open(f"/proc/{self.pid}/stat") as f:
-                return f.read().rsplit(")", 1)[1].split()[0] in ("T", "t")
-        except (OSError, IndexError):
-            return None
+        state = proc_state(f"/proc/{self.pid}/stat")
+        return None if state is None else state in ("T", "t")
 
     def signal(self, sig):
         if self.pid is not None:
@@ -88,8 +85,8 @@ class MooncakeRuntime:
         self._ids = itertools.count(1)
         self._step_seq = 0
         self._fallback_sets: set = set()
+        self._compiled: dict[int, set] = {}         # rank -> shape sets it has compiled
         self.injected_at: dict[int, float] = {}     # fault injection time per rank (detection timing)
-        self.evidence: list[dict] = []               # per failed step: rank -> why it was declared dead
         self._closed = False
         self.server = ControlServer(endpoint)
         self.endpoint = self.server.endpoint
@@ -190,16 +187,14 @@ class MooncakeRuntime:
             local += self._local_shapes(fb_shapes, live)
             self._fallback_sets.add((live, tuple(map(tuple, fb_shapes))))
         key = tuple(map(tuple, local))
-        done = getattr(self, "_compiled", {})
-        todo = [r for r in self.live if key not in done.get(r, set())]
+        todo = [r for r in self.live if key not in self._compiled.get(r, set())]
         if not todo:
             return 0.0
         t = time.perf_counter()
         self._command(todo, lambda r: message("compile", id=next(self._ids), shapes=local),
                       timeout=self.start_timeout, what="compile")
-        self._compiled = done
         for r in todo:
-            done.setdefault(r, set()).add(key)
+            self._compiled.setdefault(r, set()).add(key)
         return time.perf_counter() - t
 
     def prefill(self, tokens, lengths, sample_ids, cache_len: int, sampling):
@@ -277,7 +272,7 @@ class MooncakeRuntime:
             else:
                 raise RuntimeError(f"rank {r} failed a step: {m.get('reason')}")
         if len(replies) == len(ids):
-            return self._merge(ids, replies, b)
+            return self._merge(replies, b)
         # still missing at the limit: heartbeating but never answering (a wedged step): dead too
         unanswered = ranks - set(replies) - set(reports)
         dead = sorted((dead | (direct & ranks) | unanswered) & ranks)
@@ -287,18 +282,13 @@ class MooncakeRuntime:
             f"no heartbeat for {self._silent_s(r):.1f} s" if self._silent_s(r) > self.hb_dead_after else "",
             "a peer's transfer to it failed" if r in direct else "",
             "no answer" if r in unanswered else ""])) for r in dead}
-        self.evidence.append(evidence)
         injected = [self.injected_at.pop(r) for r in dead if r in self.injected_at]
         failure = RankFailure(dead, "; ".join(f"rank {r}: {e}" for r, e in evidence.items())
                               or "a step timed out with every rank alive")
         failure.failed_at = min(injected) if injected else failure.detected_at
         raise failure
 
-    @staticmethod
-    def _describe(reports: dict) -> str:
-        return "; ".join(f"rank {r}: {m.get('reason', '')[:120]}" for r, m in sorted(reports.items()))
-
-    def _merge(self, ids: dict, replies: dict, b: int):
+    def _merge(self, replies: dict, b: int):
         n = len(self.live)
         out = np.zeros(n * b, np.int32)
         counts = np.zeros((len(self.moe_layer_ids), self.cfg.num_experts), np.int64)
@@ -346,7 +336,7 @@ class MooncakeRuntime:
             raise EngineDead(f"expert {e} of MoE layer {m} lost every replica and there is no host backup")
         layer = self.moe_layer_ids[m]
         return b"".join(np.ascontiguousarray(self.backup[("layers", layer, "mlp", p)][e]).tobytes()
-                        for p in EXPERTS)
+                        for p in EXPERT_PARAMS)
 
     def install(self, active: np.ndarray, placement: Placement, loads: dict | None = None,
                 fresh: set[int] = frozenset()) -> dict:

@@ -12,10 +12,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import threading
 import time
 
-EXPERT_PARAMS = ("w_gate", "w_up", "w_down")
+from ..model.loader import EXPERT_PARAMS, is_expert_path
 
 
 class Worker:
@@ -74,18 +73,22 @@ class Worker:
                               for name in EXPERT_PARAMS} if self.moe_layer_ids else {}
         from .spmd import key_of
         self.key_of = key_of
-        self.dense = {key_of(p): jax.device_put(a) for p, a in params.items() if p[-1] not in EXPERT_PARAMS}
+        self.dense = {key_of(p): jax.device_put(a) for p, a in params.items() if not is_expert_path(p)}
         del params
         self._upload_experts()
-        self.log2phy = jnp.asarray(np.asarray(msg["log2phy"], np.int32))
-        self.active = np.asarray(msg["active"], np.int32)
-        self.active_dev = jnp.asarray(self.active)
+        self._set_epoch(msg)
         self.compiled, self.cache = {}, None
-        self._compiling, self._compile_lock = {}, threading.Lock()
         self.heartbeat = HeartbeatSender(msg["heartbeat_endpoint"], self.rank, incarnation=int(msg["incarnation"]),
                                          interval=float(msg["heartbeat_interval"]))
         self.heartbeat.start()
         return {"address": self.transport.address.to_dict(), "pid": os.getpid()}
+
+    def _set_epoch(self, msg: dict):
+        """The active mask, its peers (the other active ranks) and log2phy of an init or epoch message."""
+        self.active = self.np.asarray(msg["active"], self.np.int32)
+        self.active_dev = self.jnp.asarray(self.active)
+        self.log2phy = self.jnp.asarray(self.np.asarray(msg["log2phy"], self.np.int32))
+        self.peers = [r for r in range(self.num_ranks) if self.active[r] and r != self.rank]
 
     def _upload_experts(self):
         jnp = self.jnp
@@ -104,7 +107,7 @@ class Worker:
         arrays = [np.asarray(a) for a in arrays]
         n, t = arrays[0].shape[:2]
         seq = int(step) * (2 * len(self.moe_layer_ids)) + 2 * moe_layer + phase + 1
-        peers = [r for r in range(n) if self.active[r] and r != self.rank]
+        peers = self.peers
         if phase == 0:
             counts = (arrays[1] >= 0).any(-1).sum(-1)
             self._sent = counts
@@ -145,20 +148,7 @@ class Worker:
         """The compiled step for these shapes (compiled on first use; the controller asks for it
         ahead of the steps, see compile)."""
         key = (kind, batch, seq, cache_len)
-        with self._compile_lock:
-            if key in self.compiled:
-                return self.compiled[key]
-            owner = key not in self._compiling
-            event = self._compiling.setdefault(key, threading.Event())
-        if not owner:                       # a background compile of the same program: wait for it
-            event.wait()
-            return self.compiled[key]
-        try:
-            return self._build(key)
-        finally:
-            with self._compile_lock:
-                self._compiling.pop(key, None)
-            event.set()
+        return self.compiled.get(key) or self._build(key)
 
     def _build(self, key):
         kind, batch, seq, cache_len = key
@@ -192,18 +182,16 @@ class Worker:
 
         cache = None if kind == "prefill" else jax.eval_shape(lambda: self._empty_cache(batch, cache_len))
         compiled = jax.jit(run).lower(*self._abstract_args(kind, batch, seq, cache)).compile()
-        with self._compile_lock:
-            self.compiled[key] = compiled
+        self.compiled[key] = compiled
         return compiled
 
     def compile(self, msg: dict):
         """Compiles the programs a batch will use, so no rank compiles inside a step with deadlines."""
         shapes = [(k, int(b), int(s), int(c)) for k, b, s, c in msg["shapes"]]
         t = time.perf_counter()
-        new = [list(sh) for sh in shapes if sh not in self.compiled]
         for sh in shapes:
             self._model_fn(*sh)
-        return {"compile_s": time.perf_counter() - t, "compiled": new}
+        return {"compile_s": time.perf_counter() - t}
 
     def _empty_cache(self, batch, cache_len):
         from flax import nnx
@@ -257,22 +245,17 @@ class Worker:
             # a transfer that failed outright is evidence against the peer; one that only ran out of
             # time is not (this rank may have been the slow one), like a missing signal
             hard = {int(r) for r in res.direct if "deadline" not in str(res.failed.get(r, ""))}
-            weak = {int(r) for r in res.failed} - hard
-            return {"ok": False, "failed_step": True, "direct": sorted(hard), "silent": sorted(weak),
-                    "reason": str(e)[:300]}
+            return {"ok": False, "failed_step": True, "direct": sorted(hard), "reason": str(e)[:300]}
         self.cache = cache
         return {"ok": True, "tokens": nxt.tolist(), "counts": np.asarray(counts).reshape(-1).tolist()}
 
     # -- epochs and weights -----------------------------------------------------------------------
     def epoch(self, msg: dict):
         """Installs a new epoch: peers, active mask, log2phy, and the expert slots to load."""
-        np, jnp = self.np, self.jnp
         from .peers import PeerAddress
         peers = {int(r): PeerAddress.from_dict(a) for r, a in msg["peers"].items()}
         self.transport.set_peers(peers)
-        self.active = np.asarray(msg["active"], np.int32)
-        self.active_dev = jnp.asarray(self.active)
-        self.log2phy = jnp.asarray(np.asarray(msg["log2phy"], np.int32))
+        self._set_epoch(msg)
         self.cache = None
         return {}
 
@@ -304,8 +287,6 @@ class Worker:
             block = self.staging[i * per:(i + 1) * per]
             for p in range(3):
                 self.slots[m, p, j] = block[p * self.slot_bytes:(p + 1) * self.slot_bytes].view(self.slots.dtype)
-        for m, j in msg.get("clear", []):
-            self.slots[int(m), :, int(j)] = 0
         self._plan = []
         self._upload_experts()
         return {}
