@@ -9,6 +9,8 @@ import math
 import os
 from typing import Any
 
+import jax.numpy as jnp
+
 FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3")
 
 
@@ -212,3 +214,17 @@ def read_config_dict(path: str | os.PathLike) -> dict:
 
 def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
     return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}   # engine dtype names
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+
+def resolve_preset(name: str) -> str:
+    """A preset path, or a bare name ("tiny") looked up in configs/."""
+    if os.path.exists(name):
+        return name
+    for cand in (os.path.join(CONFIG_DIR, name), os.path.join(CONFIG_DIR, name + ".yaml")):
+        if os.path.exists(cand):
+            return cand
+    raise ConfigError(f"config preset not found: {name} (looked in . and {CONFIG_DIR})")

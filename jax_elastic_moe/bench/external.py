@@ -102,7 +102,7 @@ def placement_main(argv=None) -> int:
 
 def _preset_path(name: str) -> str:
     from ..config import ConfigError
-    from ..engine import resolve_preset
+    from ..config import resolve_preset
     try:
         return resolve_preset(name)
     except ConfigError:

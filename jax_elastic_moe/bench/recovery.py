@@ -54,7 +54,7 @@ def failed_ranks(num_ranks: int, k: int) -> list[int]:
 def check_feasible(args, counts: list[int]):
     """Raises common.SettingsError naming the redundancy needed when some count leaves too few slots."""
     from ..config import load_config_file
-    from ..engine import resolve_preset
+    from ..config import resolve_preset
     experts = load_config_file(resolve_preset(args.config)).num_experts
     slots = experts + args.redundant
     if slots % args.ranks:
@@ -146,7 +146,7 @@ def run(args) -> dict:
                          f"(steps on both sides of the failure to measure throughput)")
     common.use_cpu_devices(args.ranks)
     from ..config import load_config_file
-    from ..engine import resolve_preset
+    from ..config import resolve_preset
     vocab = load_config_file(resolve_preset(args.config)).vocab_size
     prompts = common.synthetic_prompts(args.batch, args.prompt_len, vocab, args.seed)
     bar = common.progress(1 + len(counts), "recovery", args.quiet)

@@ -114,10 +114,13 @@ class MLAttention(nnx.Module):
         cache = {"latent": _write(cache["latent"], latent, positions),
                  "k_rope": _write(cache["k_rope"], k_rope, positions)}
         length = cache["latent"].shape[1]
-        kv_full = self.kv_b(cache["latent"]).reshape(b, length, h, nope + vd)
-        k_nope, v = kv_full[..., :nope], kv_full[..., nope:]
-        scores = (jnp.einsum("bshd,bthd->bhst", q_nope, k_nope)
+        # kv_b absorbed into the query and the output: attention runs over the cached latents
+        # (O(L * kv_lora_rank) per query head), never expanding keys and values for all L positions
+        w = self.kv_b.w[...].reshape(cfg.kv_lora_rank, h, nope + vd)
+        q_latent = jnp.einsum("bshd,chd->bshc", q_nope, w[..., :nope])
+        scores = (jnp.einsum("bshc,btc->bhst", q_latent, cache["latent"])
                   + jnp.einsum("bshd,btd->bhst", q_rope, cache["k_rope"])) * self.scale
         probs = _softmax_scores(scores, _mask(positions, length, None)[:, None])
-        out = jnp.einsum("bhst,bthd->bshd", probs.astype(x.dtype), v).reshape(b, s, h * vd)
+        out_latent = jnp.einsum("bhst,btc->bshc", probs.astype(x.dtype), cache["latent"])
+        out = jnp.einsum("bshc,chd->bshd", out_latent, w[..., nope:]).reshape(b, s, h * vd)
         return self.o(out), cache

@@ -77,3 +77,41 @@ def closest_plan(previous_phy2log, plans, loads, slots_per_rank: int, alive, tol
     score = np.where(eligible, moves + balance / (balance.max() + 1.0), np.inf)
     choice = score.argmin(axis=0)                                                   # [L]
     return plans[choice, np.arange(plans.shape[1])]
+
+
+@dataclasses.dataclass(frozen=True)
+class SlotMove:
+    """Where slot `slot` (global numbering) of MoE layer `layer` gets the expert it holds next:
+    kind "kept" (it holds it already), "local" / "peer" (copied from slot `source` on the same / on
+    another rank), or "backup" (no intact replica: host memory)."""
+    layer: int
+    slot: int
+    expert: int
+    kind: str
+    source: int = -1
+
+
+def plan_moves(old_phy2log, new_phy2log, slots_per_rank: int, intact, targets=None) -> list[SlotMove]:
+    """The weight moves that take the slots of ranks `targets` (default: all) from `old_phy2log` to
+    `new_phy2log` ([L, S] each). intact: [N] bool, the ranks whose old slots still hold their weights
+    (not dead, not restarted empty). One plan for both runtime modes and for movement() counts."""
+    old, new = np.asarray(old_phy2log), np.asarray(new_phy2log)
+    intact = np.asarray(intact, bool)
+    rank_of = np.arange(old.shape[1]) // slots_per_rank
+    targets = np.ones(len(intact), bool) if targets is None else np.asarray(targets, bool)
+    moves = []
+    for layer in range(new.shape[0]):
+        holder = {}
+        for s in np.nonzero((old[layer] >= 0) & intact[rank_of])[0]:
+            holder.setdefault(int(old[layer, s]), int(s))
+        for s in np.nonzero((new[layer] >= 0) & targets[rank_of])[0]:
+            e = int(new[layer, s])
+            if intact[rank_of[s]] and old[layer, s] == e:
+                moves.append(SlotMove(layer, int(s), e, "kept", int(s)))
+            elif e in holder:
+                src = holder[e]
+                kind = "local" if rank_of[src] == rank_of[s] else "peer"
+                moves.append(SlotMove(layer, int(s), e, kind, src))
+            else:
+                moves.append(SlotMove(layer, int(s), e, "backup"))
+    return moves

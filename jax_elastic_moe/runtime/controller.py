@@ -1,8 +1,9 @@
-"""The controller: membership epochs, the recovery decision, and the record of each recovery.
+"""The controller: membership epochs, the recovery and rejoin decisions, and the record of each.
 
 It is the single authority on which ranks take part. Both runtime modes use it; only "apply the
-epoch" differs (spmd: a new mesh and a recompile; mooncake: a data update on the workers). It works
-in the global rank numbering: a dead rank keeps its number and its slots become empty."""
+epoch" differs (Runtime.apply_epoch: spmd, a new mesh over the survivors; mooncake, a data update on
+the workers). It works in the global rank numbering: a dead rank keeps its number and its slots
+become empty."""
 from __future__ import annotations
 
 import dataclasses
@@ -49,6 +50,7 @@ class RecoveryRecord:
     restored_from_backup: int = 0
     requests_requeued: int = 0
     precompiled: bool = False
+    cache_kept: bool = True     # the survivors kept their KV caches (False: every request re-prefilled)
     evidence: str = ""          # why each failed rank was declared dead
 
     def as_dict(self) -> dict:
@@ -89,6 +91,44 @@ class Controller:
 
     def install(self, epoch: Epoch):
         self.epoch = epoch
+
+    def recover(self, failure: RankFailure, runtime, loads: np.ndarray, current: Placement,
+                requeued: int = 0) -> tuple[RecoveryRecord, Placement]:
+        """Decides the epoch without the failed ranks and has `runtime` apply it. Returns the record
+        (resume_s and total_s are filled in by the first good step after) and the new placement.
+        Raises EngineDead when the survivors cannot serve."""
+        t0 = time.perf_counter()
+        rec = RecoveryRecord(epoch=0, failed_ranks=failure.ranks, detect_s=failure.detected_at - failure.failed_at,
+                             requests_requeued=requeued, evidence=failure.reason[:500])
+        try:
+            epoch, placement = self.decide(failure.ranks, loads, current)
+        except EngineDead as e:
+            raise EngineDead(f"{e} (evidence: {failure.reason[:300]})") from None
+        t1 = time.perf_counter()
+        rec.decide_s, rec.epoch = t1 - t0, epoch.number
+        applied = runtime.apply_epoch(epoch.active, placement, failure.ranks)
+        rec.compile_s, rec.precompiled = applied.compile_s, applied.precompiled
+        rec.moved_experts = sum(n for kind, n in applied.moves.items() if kind != "kept")
+        rec.restored_from_backup = applied.moves.get("backup", 0)
+        rec.restore_s = time.perf_counter() - t1 - applied.compile_s
+        rec.cache_kept = applied.cache_kept
+        self.install(epoch)
+        self.records.append(rec)
+        return rec, placement
+
+    def rejoin(self, rank: int, runtime, loads: np.ndarray, current: Placement) -> Placement:
+        """Brings dead `rank` back: a fresh process, then an epoch whose placement (a rebalance close to
+        `current`) gives it slots, loaded from its peers or the host backup."""
+        if not 0 <= rank < self.num_ranks or self.alive[rank]:
+            raise ValueError(f"rank {rank} is not a dead rank")
+        runtime.restart(rank)
+        alive = self.alive.copy()
+        alive[rank] = True
+        placement = rebalance(np.asarray(loads, np.float64) + 1.0, self.num_ranks, self.slots_per_rank,
+                              policy=self.policy, alive=alive, previous=current, max_replicas=self.max_replicas)
+        runtime.apply_epoch(alive.astype(np.int32), placement, [], fresh=[rank])
+        self.install(Epoch(self.epoch.number + 1, alive.astype(np.int32), self.epoch.placement_version + 1))
+        return placement
 
 
 def compact(placement: Placement, alive: np.ndarray) -> Placement:

@@ -5,7 +5,8 @@ to the live ranks, collects their tokens, and turns failures — a failed or tim
 workers report, a worker that does not answer, a process that exited, missed heartbeats — into a
 RankFailure naming the dead ranks. Applying a new epoch is a data update on the survivors: peers
 table, active mask, placement, and the expert slots to load (from a surviving replica by Mooncake
-read, else from the host backup this process keeps)."""
+read, else from the host backup this process keeps). Every worker keeps its KV-cache slots across
+epochs, and its programs: a step's per-rank shape does not depend on how many ranks are live."""
 from __future__ import annotations
 
 import itertools
@@ -19,6 +20,8 @@ import numpy as np
 
 from ..model.loader import EXPERT_PARAMS
 from ..placement import Placement
+from ..placement.movement import plan_moves
+from .base import Applied
 from .controller import EngineDead, RankFailure
 from .control import ControlServer, ControlTimeout, message
 from .detector import HeartbeatMonitor, new_incarnation
@@ -59,7 +62,9 @@ class WorkerProcess:
 
 
 class MooncakeRuntime:
-    """Workers for `num_ranks` ranks; `placement` is global (dead ranks' slots empty)."""
+    """The Runtime of worker processes for `num_ranks` ranks; `placement` is global (dead ranks' slots
+    empty)."""
+    mode = "mooncake"
 
     def __init__(self, cfg, source: dict, dtype: str, num_ranks: int, placement: Placement,
                  backup: dict | None, *, exchange_timeout: float = 1.0, heartbeat_interval: float = 0.2,
@@ -84,8 +89,7 @@ class MooncakeRuntime:
         self.workers: dict[int, WorkerProcess] = {}
         self._ids = itertools.count(1)
         self._step_seq = 0
-        self._fallback_sets: set = set()
-        self._compiled: dict[int, set] = {}         # rank -> shape sets it has compiled
+        self.shapes: list = []                      # the step shapes every live worker has compiled
         self.injected_at: dict[int, float] = {}     # fault injection time per rank (detection timing)
         self._closed = False
         self.server = ControlServer(endpoint)
@@ -166,59 +170,41 @@ class MooncakeRuntime:
     def num_live(self) -> int:
         return len(self.live)
 
-    @staticmethod
-    def _local_shapes(shapes: list, n: int) -> list:
-        """Per-rank (kind, batch, seq, cache_len) of global step shapes over n live ranks."""
-        return [[kind, batch // n, *(rest if kind == "prefill" else [1, rest[-1]])] for kind, batch, *rest in shapes]
-
-    def fallbacks_ready(self) -> int:
-        """How many fallback shape sets the live workers hold (compiled with the batch's own programs
-        in ensure_compiled, so there is nothing to wait for)."""
-        return len(self._fallback_sets)
-
-    def ensure_compiled(self, shapes: list, fallback: list | None = None) -> float:
-        """Every live worker compiles the per-rank programs of these global step shapes, and of
-        `fallback` ([(global shapes the batch takes after failures, live ranks then)]), before the
-        first step: a compile while serving would starve the exchange of its host thread (the GIL)
-        and look like a failed peer."""
-        n = self.num_live
-        local = self._local_shapes(shapes, n)
-        for fb_shapes, live in fallback or []:
-            local += self._local_shapes(fb_shapes, live)
-            self._fallback_sets.add((live, tuple(map(tuple, fb_shapes))))
-        key = tuple(map(tuple, local))
-        todo = [r for r in self.live if key not in self._compiled.get(r, set())]
-        if not todo:
-            return 0.0
+    def prepare(self, shapes: list, ranks: list[int] | None = None) -> float:
+        """Every live worker (or `ranks`) compiles the programs of these per-rank step shapes before any
+        step: a compile while serving would starve the exchange of its host thread (the GIL) and look
+        like a failed peer. The shapes do not depend on the number of live ranks, so a recovery never
+        compiles."""
+        ranks = self.live if ranks is None else ranks
         t = time.perf_counter()
-        self._command(todo, lambda r: message("compile", id=next(self._ids), shapes=local),
+        self._command(ranks, lambda r: message("compile", id=next(self._ids), shapes=[s.as_list() for s in shapes]),
                       timeout=self.start_timeout, what="compile")
-        for r in todo:
-            self._compiled.setdefault(r, set()).add(key)
+        self.shapes = list(shapes)
         return time.perf_counter() - t
 
-    def prefill(self, tokens, lengths, sample_ids, cache_len: int, sampling):
-        return self._step("prefill", cache_len, sampling, tokens=tokens, lengths=lengths, sample_ids=sample_ids)
+    def prefill(self, batch):
+        return self._step(batch)
 
-    def decode(self, tokens, positions, valid, sample_ids, sampling):
-        return self._step("decode", self._cache_len, sampling, tokens=tokens[:, None], positions=positions,
-                          valid=valid, sample_ids=sample_ids)
+    def decode(self, batch):
+        return self._step(batch)
 
-    def _step(self, kind: str, cache_len: int, sampling, **rows):
-        """Sends each live rank its share of the rows; returns (next tokens [B], counts [Lm, E])."""
-        self._cache_len = cache_len
+    def after_good_step(self, decide):
+        pass
+
+    def idle(self, busy):
+        pass
+
+    def _step(self, batch):
+        """Sends each live rank its rows of the batch; returns (next tokens [rows], counts [Lm, E])."""
         self._step_seq += 1
-        seed, temperature, top_p = sampling
-        n = self.num_live
-        b = rows["tokens"].shape[0] // n
+        rows = batch.shape.rows
         ids = {}
         for i, r in enumerate(self.live):
-            part = {k: v[i * b:(i + 1) * b].tolist() for k, v in rows.items()}
-            msg = message("step", id=next(self._ids), kind=kind, step=self._step_seq, cache_len=cache_len,
-                          seed=seed, temperature=temperature, top_p=top_p, **part)
+            part = {k: v[i * rows:(i + 1) * rows].tolist() for k, v in batch.rows.items()}
+            msg = message("step", id=next(self._ids), shape=batch.shape.as_list(), step=self._step_seq, **part)
             ids[msg["id"]] = r
             self.server.send(f"rank-{r}".encode(), msg)
-        return self._collect(ids, b)
+        return self._collect(ids, rows)
 
     def _silent_s(self, rank: int) -> float:
         """Seconds since the last heartbeat of `rank` (its heartbeat thread runs even while its step
@@ -309,26 +295,16 @@ class MooncakeRuntime:
     def load_plan(self, old: Placement, new: Placement, fresh: set[int]) -> dict[int, list]:
         """Per live rank, the slots it must load for `new`: (moe layer, local slot, source)."""
         spr = self.spr
-        holders = {}                    # (layer, expert) -> (rank, local slot) with intact weights
-        for m in range(old.num_layers):
-            for s, e in enumerate(old.phy2log[m]):
-                r = s // spr
-                if e >= 0 and r in self.live and r not in fresh:
-                    holders.setdefault((m, int(e)), (r, s % spr))
+        intact = np.isin(np.arange(self.num_ranks), [r for r in self.live if r not in fresh])
         plan = {r: [] for r in self.live}
-        for m in range(new.num_layers):
-            for s, e in enumerate(new.phy2log[m]):
-                r, j = s // spr, s % spr
-                if e < 0 or r not in plan or (r not in fresh and old.phy2log[m, s] == e):
-                    continue
-                src = holders.get((m, int(e)))
-                if src is None:
-                    src_msg = {"kind": "backup", "data": self._backup_bytes(m, int(e))}
-                elif src[0] == r:
-                    src_msg = {"kind": "local", "slot": src[1]}
-                else:
-                    src_msg = {"kind": "peer", "rank": src[0], "slot": src[1]}
-                plan[r].append([m, j, src_msg])
+        for mv in plan_moves(old.phy2log, new.phy2log, spr, intact, np.isin(np.arange(self.num_ranks), self.live)):
+            if mv.kind == "kept":
+                continue
+            if mv.kind == "backup":
+                src = {"kind": "backup", "data": self._backup_bytes(mv.layer, mv.expert)}
+            else:
+                src = {"kind": mv.kind, "slot": mv.source % spr, "rank": mv.source // spr}
+            plan[mv.slot // spr].append([mv.layer, mv.slot % spr, src])
         return plan
 
     def _backup_bytes(self, m: int, e: int) -> bytes:
@@ -350,7 +326,7 @@ class MooncakeRuntime:
                                                     active=self.active.tolist(), log2phy=placement.log2phy.tolist()),
                       timeout=60, what="install the epoch")
         plan = self.load_plan(old, placement, set(fresh)) if loads is None else loads
-        stats = {"peer": 0, "local": 0, "backup": 0}
+        stats = {"kept": 0, "peer": 0, "local": 0, "backup": 0}
         for items in plan.values():
             for _, _, src in items:
                 stats[src["kind"]] += 1
@@ -360,9 +336,18 @@ class MooncakeRuntime:
             self._command(self.live, lambda r: message("commit", id=next(self._ids)), timeout=60,
                           what="commit expert weights")
         self.placement = placement
-        self._compiled = {}         # shapes per rank change with the number of live ranks
-        self._fallback_sets = set()
         return stats
+
+    def apply_epoch(self, active: np.ndarray, placement: Placement, dead: list[int], fresh=()) -> Applied:
+        """Fences the dead, then installs the epoch on the live workers (data only, nothing compiles;
+        a fresh worker compiles the step shapes before it takes part)."""
+        self.fence(dead)
+        if fresh and self.shapes:
+            self.prepare(self.shapes, ranks=list(fresh))
+        return Applied(self.install(active, placement, fresh=set(fresh)))
+
+    def set_placement(self, active: np.ndarray, placement: Placement):
+        self.install(active, placement, loads=None if placement is not self.placement else {})
 
     def restart(self, rank: int):
         """Starts a fresh worker for `rank` (init with the current placement; the engine then installs

@@ -1,14 +1,15 @@
 """One process, N local devices, one Mesh: the whole model step runs in shard_map over the "ep" axis.
 
-Each rank holds the dense weights, `slots_per_rank` expert slots of every MoE layer and its share of
-the batch (data-parallel attention); the MoE layers exchange tokens with all_to_all. Placement
-(log2phy) and the active-ranks mask are arguments of every compiled step, so changing them never
-compiles again. After a failure, `survivors()` builds the runner of a new mesh over the surviving
-devices from the arrays they already hold (plus the host backup for experts that lost every copy)."""
+Each rank holds the dense weights, `slots_per_rank` expert slots of every MoE layer, and its
+`seqs_per_rank` KV-cache rows (data-parallel attention); the MoE layers exchange tokens with
+all_to_all. Placement (log2phy) and the active-ranks mask are arguments of every compiled step, so
+changing them never compiles again. After a failure, `survivors()` builds the runner of a new mesh
+over the surviving devices from the arrays they already hold: dense weights and KV-cache shards are
+rewrapped as they are (nothing copied), expert slots come from surviving replicas or the host backup."""
 from __future__ import annotations
 
 import functools
-import io
+import re
 import threading
 import time
 
@@ -17,8 +18,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
-from jax._src import compiler as _compiler
-from jax.experimental import serialize_executable as _serialize
 from jax.sharding import PartitionSpec as P
 
 from ..config import ModelConfig
@@ -27,7 +26,11 @@ from ..model.loader import EXPERT_PARAMS, is_expert_path
 from ..model.moe import EPContext
 from ..model.sharding import EP_AXIS, batch_spec, param_spec
 from ..placement import Placement
-from .sampling import sample
+from ..placement.movement import plan_moves
+from .base import Applied
+from .controller import RankFailure, compact
+from .fallbacks import FallbackPrograms, Portable
+from .step import StepShape, empty_cache, make_step, row_abstract
 
 
 def key_of(path: tuple) -> str:
@@ -42,47 +45,8 @@ def abstract_model(cfg: ModelConfig, num_slots: int, dtype):
     return graphdef, tuple(nnx.to_flat_state(state))
 
 
-class _OntoDevices(_serialize._JaxPjrtUnpickler):
-    """Unpickles a serialized executable onto other devices: each device id of the pickle (the
-    executable's, and those of its argument shardings) maps to the device at the same mesh position."""
-
-    def __init__(self, data: bytes, mapping: dict, devices: list):
-        super().__init__(io.BytesIO(data), devices[0].client, devices)
-        self._mapping, self._devices = mapping, devices
-
-    def persistent_load(self, pid):
-        if pid[0] == "device":
-            return self._mapping[pid[1]]
-        if pid[0] == "exec":        # the executable's own device assignment names the new devices too
-            options = _compiler.get_compile_options(
-                num_replicas=1, num_partitions=len(self._devices),
-                device_assignment=np.array(self._devices)[None, :])
-            return self.backend.deserialize_executable(pid[1], self.execution_devices, options)
-        return super().persistent_load(pid)
-
-
-class Portable:
-    """A compiled step that loads onto any mesh of as many devices as the one it was compiled for.
-
-    The SPMD program names mesh positions, never devices, so one compile per mesh size serves every
-    set of survivors of that size; loading (deserializing) costs a small fraction of compiling."""
-
-    def __init__(self, compiled, devices):
-        self.data, self.in_tree, self.out_tree = _serialize.serialize(compiled)
-        self.devices = list(devices)
-
-    def load(self, devices):
-        devices = list(devices)
-        if len(devices) != len(self.devices):
-            raise ValueError(f"compiled for {len(self.devices)} devices, asked to load on {len(devices)}")
-        mapping = {a.id: b for a, b in zip(self.devices, devices)}
-        exe, args, no_kwargs = _OntoDevices(self.data, mapping, devices).load()
-        return jax.stages.Compiled(exe.load(), [], self.in_tree.unflatten(args), self.out_tree,
-                                   no_kwargs=no_kwargs)
-
-
 class SpmdRunner:
-    """Compiled steps of one model over one mesh of local devices.
+    """Compiled steps, weights and KV cache of one model over one mesh of local devices.
 
     placement: over this mesh's ranks (N' = len(devices)); params: {key: jax.Array} placed on the mesh,
     or None for a runner that only compiles (a precompiled fallback for a future mesh)."""
@@ -100,6 +64,7 @@ class SpmdRunner:
         self.moe_layer_ids = [i for i, m in enumerate(cfg.moe_layers) if m]
         self.placement = placement
         self.params = params
+        self.cache = None               # list of per-layer dicts of [N' * seqs, L, ...] arrays
         self._compiled = {}
         self._pending: dict = {}
         self._lock = threading.Lock()
@@ -133,76 +98,70 @@ class SpmdRunner:
         out[row < 0] = 0
         return out
 
+    def _rewrap(self, arr, new: "SpmdRunner", spec: P, rows_per_rank: int | None = None):
+        """The survivors' shards of `arr` as one array over new's mesh (no copy); None if one is gone."""
+        shards = {s.device: s.data for s in arr.addressable_shards}
+        pieces = [shards[d] for d in new.devices]
+        if any(p.is_deleted() for p in pieces):
+            return None
+        shape = arr.shape if rows_per_rank is None else (rows_per_rank * new.num_ranks,) + arr.shape[1:]
+        return jax.make_array_from_single_device_arrays(shape, new._sharding(spec), pieces)
+
     def survivors(self, keep: list[int], placement: Placement, backup: dict[tuple, np.ndarray],
                   compiled: dict | None = None) -> tuple["SpmdRunner", dict]:
         """The runner of the mesh over self.devices[keep] with `placement` (over len(keep) ranks).
 
-        Dense weights come from the survivors' own replicas; an expert slot keeps its weights when
-        it already held that expert, else copies them from a surviving replica, else from `backup`
-        (host memory, logical layout). Returns (runner, counts of copies by source)."""
+        Dense weights and the KV cache stay on the survivors' devices as they are; an expert slot keeps
+        its weights when it already held that expert, else copies them from a surviving replica, else
+        from `backup` (host memory, logical layout). Returns (runner, counts of moves by kind)."""
         new = SpmdRunner(self.cfg, self.dtype, [self.devices[k] for k in keep], placement, None, self.backend)
         if compiled:
             new._compiled.update(compiled)
-        spr, old_spr = placement.slots_per_rank, self.slots_per_rank
-        stats = {"kept": 0, "peer": 0, "backup": 0}
+        spr = placement.slots_per_rank
+        alive = np.isin(np.arange(self.num_ranks), keep)
+        # the move plan in this mesh's slot numbering: new rank i is old rank keep[i]
+        widened = np.full((placement.num_layers, self.placement.num_slots), -1, np.int32)
+        cols = np.nonzero(np.repeat(alive, spr))[0]
+        widened[:, cols] = placement.phy2log
+        moves = plan_moves(self.placement.phy2log, widened, spr, alive)
+        stats = {"kept": 0, "local": 0, "peer": 0, "backup": 0}
+        for mv in moves:
+            stats[mv.kind] += 1
         params = {}
         for path, _ in self._variables:
             key = key_of(path)
-            shards = {s.device: s.data for s in self.params[key].addressable_shards}
             if not is_expert_path(path):
-                pieces = [shards[d] for d in new.devices]
-                params[key] = jax.make_array_from_single_device_arrays(
-                    self.params[key].shape, new._sharding(P()), pieces)
+                params[key] = self._rewrap(self.params[key], new, P())
                 continue
             m = self.moe_index(path)
-            old_row, new_row = self.placement.phy2log[m], placement.phy2log[m]
-            # Survivors' slots go through host memory: a copy, no compilation on the recovery path.
+            shards = {s.device: s.data for s in self.params[key].addressable_shards}
+            # slots go through host memory: a copy, no compilation on the recovery path
             local = {r: np.asarray(shards[self.devices[r]]) for r in keep}
-            where = {}                              # expert -> (old rank, local slot) on a survivor
-            for r in keep:
-                for j in range(old_spr):
-                    e = int(old_row[r * old_spr + j])
-                    if e >= 0:
-                        where.setdefault(e, (r, j))
-            blocks = []
-            for new_rank, old_rank in enumerate(keep):
-                block = np.zeros((spr,) + local[old_rank].shape[1:], local[old_rank].dtype)
-                for j in range(spr):
-                    e = int(new_row[new_rank * spr + j])
-                    if e < 0:
-                        continue
-                    if j < old_spr and int(old_row[old_rank * old_spr + j]) == e:
-                        block[j] = local[old_rank][j]; stats["kept"] += 1
-                    elif e in where:
-                        r, k = where[e]
-                        block[j] = local[r][k]; stats["peer"] += 1
-                    else:
-                        block[j] = backup[path][e]; stats["backup"] += 1
-                blocks.append(jax.device_put(block, self.devices[old_rank]))
+            blocks = {r: np.zeros_like(local[r]) for r in keep}
+            for mv in moves:
+                if mv.layer != m:
+                    continue
+                r, j = divmod(mv.slot, spr)
+                blocks[r][j] = (backup[path][mv.expert] if mv.kind == "backup"
+                                else local[mv.source // spr][mv.source % spr])
+            pieces = [jax.device_put(blocks[r], self.devices[r]) for r in keep]
             shape = (placement.num_slots,) + tuple(self.params[key].shape[1:])
-            params[key] = jax.make_array_from_single_device_arrays(shape, new._sharding(param_spec(path)), blocks)
+            params[key] = jax.make_array_from_single_device_arrays(shape, new._sharding(param_spec(path)), pieces)
         new.params = params
+        if self.cache is not None:
+            rows = self.cache_rows_per_rank
+            leaves = [self._rewrap(a, new, batch_spec(), rows) for a in jax.tree.leaves(self.cache)]
+            if all(a is not None for a in leaves):
+                new.cache = jax.tree.unflatten(jax.tree.structure(self.cache), leaves)
         return new, stats
 
-    # -- the traced model ---------------------------------------------------------------------
+    @property
+    def cache_rows_per_rank(self) -> int:
+        return jax.tree.leaves(self.cache)[0].shape[0] // self.num_ranks
+
+    # -- programs -------------------------------------------------------------------------------
     def _sharding(self, spec: P) -> NamedSharding:
         return NamedSharding(self.mesh, spec)
-
-    def _model(self, params):
-        flat = [(path, var.replace(params[key_of(path)])) for path, var in self._variables]
-        return nnx.merge(self.graphdef, nnx.from_flat_state(flat))
-
-    def _forward(self, params, tokens, positions, valid, cache, log2phy, active):
-        """Per-rank body: tokens/positions/valid [b, s] -> ((hidden, cache, counts), model)."""
-        model = self._model(params)
-        b, s = tokens.shape
-        rank = jax.lax.axis_index(EP_AXIS)
-        seq = rank * b + jnp.arange(b, dtype=jnp.int32)
-        token_index = (seq[:, None] * 7919 + positions).reshape(-1).astype(jnp.int32)
-        ctx = EPContext(log2phy=log2phy, active=active, token_index=token_index, valid=valid.reshape(-1),
-                        num_ranks=self.num_ranks, slots_per_rank=self.slots_per_rank, axis_name=EP_AXIS,
-                        backend=self.backend)
-        return model(tokens, positions, cache, ctx), model
 
     def _param_specs(self):
         return {key_of(path): param_spec(path) for path, _ in self._variables}
@@ -211,9 +170,10 @@ class SpmdRunner:
         return {key_of(path): jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=self._sharding(param_spec(path)))
                 for path, v in self._variables}
 
-    def _cache_spec(self):
-        model = nnx.merge(self.graphdef, nnx.from_flat_state(self._variables))
-        return jax.tree.map(lambda _: batch_spec(), model.empty_cache(1, 1))
+    def _abstract_cache(self, rows: int, cache_len: int):
+        bs = self._sharding(batch_spec())
+        return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=bs),
+                            jax.eval_shape(lambda: empty_cache(self.graphdef, self._variables, rows, cache_len)))
 
     def _abstract(self, shape, dtype, spec):
         return jax.ShapeDtypeStruct(shape, dtype, sharding=self._sharding(spec))
@@ -239,136 +199,84 @@ class SpmdRunner:
             pending.set()
         return compiled
 
-    def _common_abstract(self):
-        key = jax.eval_shape(lambda: jax.random.key(0))
-        rep = self._sharding(P())
-        return (self._abstract(self.placement.log2phy.shape, jnp.int32, P()),
-                self._abstract((self.num_ranks,), jnp.int32, P()),
-                jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=rep),
-                self._abstract((), jnp.float32, P()), self._abstract((), jnp.float32, P()))
+    def step_fn(self, shape: StepShape):
+        """The compiled step of `shape` (per rank) over this mesh: (params, cache, *ROW_INPUTS over
+        N' * shape.rows rows, log2phy, active, seq) -> (next [N' * rows], cache, counts [Lm, E]); the
+        cache is donated."""
+        body = make_step(self.graphdef, self._variables, key_of, shape, num_ranks=self.num_ranks,
+                         slots_per_rank=self.slots_per_rank, backend=self.backend, axis_name=EP_AXIS)
+        bs = batch_spec()
+        cache_spec = jax.tree.map(lambda _: bs, jax.eval_shape(
+            lambda: empty_cache(self.graphdef, self._variables, 1, 1)))
+        rows = row_abstract(shape, shape.rows * self.num_ranks, self._sharding(bs))
+        f = jax.jit(jax.shard_map(body, mesh=self.mesh,
+                                  in_specs=(self._param_specs(), cache_spec) + (bs,) * len(rows) + (P(), P(), P()),
+                                  out_specs=(bs, cache_spec, P()), check_vma=False), donate_argnums=(1,))
+        return self._aot(shape, f, self._abstract_params(),
+                         self._abstract_cache(shape.slots * self.num_ranks, shape.cache_len), *rows,
+                         self._abstract(self.placement.log2phy.shape, jnp.int32, P()),
+                         self._abstract((self.num_ranks,), jnp.int32, P()), self._abstract((), jnp.int32, P()))
 
-    # -- steps ----------------------------------------------------------------------------------
     def score_fn(self, batch: int, seq: int):
         """(params, tokens [B, S], log2phy, active) -> (logits [B, S, V] float32, counts)."""
         def body(params, tokens, log2phy, active):
+            model = nnx.merge(self.graphdef, nnx.from_flat_state(
+                [(p, v.replace(params[key_of(p)])) for p, v in self._variables]))
             b, s = tokens.shape
             positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
-            empty = self._model(params).empty_cache(b, s)
-            (hidden, _, counts), model = self._forward(params, tokens, positions, jnp.ones((b, s), bool),
-                                                       empty, log2phy, active)
+            rank = jax.lax.axis_index(EP_AXIS)
+            token_index = ((rank * b + jnp.arange(b, dtype=jnp.int32))[:, None] * 7919 + positions).reshape(-1)
+            ctx = EPContext(log2phy=log2phy, active=active, token_index=token_index, valid=jnp.ones(b * s, bool),
+                            num_ranks=self.num_ranks, slots_per_rank=self.slots_per_rank, axis_name=EP_AXIS,
+                            backend=self.backend)
+            hidden, _, counts = model(tokens, positions, model.empty_cache(b, s), ctx)
             return model.logits(hidden), counts
         f = jax.jit(jax.shard_map(body, mesh=self.mesh, in_specs=(self._param_specs(), batch_spec(), P(), P()),
                                   out_specs=(batch_spec(), P()), check_vma=False))
-        common = self._common_abstract()
         return self._aot(("score", batch, seq), f, self._abstract_params(),
-                         self._abstract((batch, seq), jnp.int32, batch_spec()), common[0], common[1])
-
-    def prefill_fn(self, batch: int, seq: int, cache_len: int):
-        """(params, tokens [B, S], lengths [B], sample_ids [B], log2phy, active, key, temperature, top_p)
-        -> (next tokens [B] int32, cache, counts [Lm, E]); position lengths[b]-1 gives the logits."""
-        def body(params, tokens, lengths, sample_ids, log2phy, active, key, temperature, top_p):
-            b, s = tokens.shape
-            positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
-            valid = positions < lengths[:, None]
-            empty = self._model(params).empty_cache(b, cache_len)
-            (hidden, cache, counts), model = self._forward(params, tokens, positions, valid, empty, log2phy, active)
-            last = jnp.take_along_axis(hidden, jnp.maximum(lengths - 1, 0)[:, None, None], axis=1)[:, 0]
-            return sample(model.logits(last), key, sample_ids, temperature, top_p), cache, counts
-        bs = batch_spec()
-        f = jax.jit(jax.shard_map(body, mesh=self.mesh,
-                                  in_specs=(self._param_specs(), bs, bs, bs, P(), P(), P(), P(), P()),
-                                  out_specs=(bs, self._cache_spec(), P()), check_vma=False))
-        vec = self._abstract((batch,), jnp.int32, bs)
-        return self._aot(("prefill", batch, seq, cache_len), f, self._abstract_params(),
-                         self._abstract((batch, seq), jnp.int32, bs), vec, vec, *self._common_abstract())
-
-    def decode_fn(self, batch: int, cache_len: int):
-        """(params, cache, tokens [B], positions [B], valid [B], sample_ids [B], log2phy, active, key,
-        temperature, top_p) -> (next tokens [B], cache, counts). The cache is donated."""
-        def body(params, cache, tokens, positions, valid, sample_ids, log2phy, active, key, temperature, top_p):
-            (hidden, cache, counts), model = self._forward(
-                params, tokens[:, None], positions[:, None], valid[:, None], cache, log2phy, active)
-            return sample(model.logits(hidden[:, 0]), key, sample_ids, temperature, top_p), cache, counts
-        bs = batch_spec()
-        cache_spec = self._cache_spec()
-        f = jax.jit(jax.shard_map(body, mesh=self.mesh,
-                                  in_specs=(self._param_specs(), cache_spec, bs, bs, bs, bs, P(), P(), P(), P(), P()),
-                                  out_specs=(bs, cache_spec, P()), check_vma=False), donate_argnums=(1,))
-        model = nnx.merge(self.graphdef, nnx.from_flat_state(self._variables))
-        cache = jax.tree.map(lambda a: self._abstract(a.shape, a.dtype, bs),
-                             jax.eval_shape(lambda: model.empty_cache(batch, cache_len)))
-        vec = self._abstract((batch,), jnp.int32, bs)
-        return self._aot(("decode", batch, cache_len), f, self._abstract_params(), cache, vec, vec,
-                         self._abstract((batch,), jnp.bool_, bs), vec, *self._common_abstract())
+                         self._abstract((batch, seq), jnp.int32, batch_spec()),
+                         self._abstract(self.placement.log2phy.shape, jnp.int32, P()),
+                         self._abstract((self.num_ranks,), jnp.int32, P()))
 
     def compiled_shapes(self) -> list:
         return list(self._compiled)
 
-    def precompile(self, names: list, parallel: bool = False):
-        """Compiles the steps named like compiled_shapes() entries; `parallel`: one thread each
-        (XLA compiles outside the GIL, so two programs take about the time of one on two cores)."""
-        def one(name):
-            kind, *dims = name
-            getattr(self, f"{kind}_fn")(*dims)
-        if parallel and len(names) > 1:
-            threads = [threading.Thread(target=one, args=(n,)) for n in names]
+    def precompile(self, shapes: list, parallel: bool = False) -> dict:
+        """Compiles the steps of these StepShapes; `parallel`: one thread each (XLA compiles outside
+        the GIL, so two programs take about the time of one on two cores)."""
+        if parallel and len(shapes) > 1:
+            threads = [threading.Thread(target=self.step_fn, args=(s,)) for s in shapes]
             for t in threads:
                 t.start()
             for t in threads:
                 t.join()
-        else:
-            for name in names:
-                one(name)
-        return dict(self._compiled)
+        for s in shapes:
+            self.step_fn(s)             # re-raises a compile error of a thread
+        return {s: self._compiled[s] for s in shapes}
 
-    # -- the runtime interface the engine drives (shared with the multi-process runtime) ----------
-    @property
-    def num_live(self) -> int:
-        return self.num_ranks
-
-    def _sampling(self, sampling):
-        seed, temperature, top_p = sampling
-        return jax.random.key(seed), jnp.float32(temperature), jnp.float32(top_p)
-
-    def prefill(self, tokens, lengths, sample_ids, cache_len: int, sampling):
-        """tokens [B, S], lengths / sample_ids [B] numpy -> (next tokens [B], counts [Lm, E]); keeps
-        the KV cache for decode."""
-        fn = self.prefill_fn(tokens.shape[0], tokens.shape[1], cache_len)
-        nxt, self._cache, counts = fn(self.params, self.put_batch(tokens), self.put_batch(lengths),
-                                      self.put_batch(sample_ids), self.log2phy, self.active,
-                                      *self._sampling(sampling))
-        self._cache_len = cache_len
+    # -- running steps ------------------------------------------------------------------------------
+    def run(self, shape: StepShape, rows: dict, seq: int = 0):
+        """One step: rows = ROW_INPUTS name -> numpy [N' * shape.rows (, chunk)]; the KV cache (made
+        on first use) is updated in place. Returns (next tokens numpy [N' * rows], counts [Lm, E])."""
+        if self.cache is None or self.cache_rows_per_rank != shape.slots:
+            make = jax.jit(lambda: empty_cache(self.graphdef, self._variables, shape.slots * self.num_ranks,
+                                               shape.cache_len), out_shardings=self._sharding(batch_spec()))
+            self.cache = make()
+        fn = self.step_fn(shape)
+        nxt, self.cache, counts = fn(self.params, self.cache, *[self.put_batch(a) for a in rows.values()],
+                                     self.log2phy, self.active, np.int32(seq))
         return np.asarray(nxt), np.asarray(counts)
-
-    def decode(self, tokens, positions, valid, sample_ids, sampling):
-        """One decode step of every row: tokens / positions / valid / sample_ids [B] numpy."""
-        fn = self.decode_fn(tokens.shape[0], self._cache_len)
-        nxt, self._cache, counts = fn(self.params, self._cache, self.put_batch(tokens), self.put_batch(positions),
-                                      self.put_batch(valid), self.put_batch(sample_ids), self.log2phy,
-                                      self.active, *self._sampling(sampling))
-        return np.asarray(nxt), np.asarray(counts)
-
-    def ensure_compiled(self, shapes: list) -> float:
-        """Compiles these steps now (two at a time); returns the seconds it took."""
-        t = time.perf_counter()
-        self.precompile(shapes, parallel=True)
-        return time.perf_counter() - t
 
     # -- placement ------------------------------------------------------------------------------
     def set_placement(self, new: Placement):
         """Moves expert weights between slots so slot s holds new.phy2log[:, s], each copied from a
         slot that holds it now (both placements complete over this mesh)."""
         src = np.zeros_like(new.phy2log)
-        for layer in range(new.num_layers):
-            first = {}
-            for s, e in enumerate(self.placement.phy2log[layer]):
-                if e >= 0:
-                    first.setdefault(int(e), s)
-            for s, e in enumerate(new.phy2log[layer]):
-                if e >= 0:
-                    if int(e) not in first:
-                        raise ValueError(f"expert {e} of MoE layer {layer} has no replica to copy from")
-                    src[layer, s] = first[int(e)]
+        for mv in plan_moves(self.placement.phy2log, new.phy2log, new.slots_per_rank,
+                             np.ones(self.num_ranks, bool)):
+            if mv.kind == "backup":
+                raise ValueError(f"expert {mv.expert} of MoE layer {mv.layer} has no replica to copy from")
+            src[mv.layer, mv.slot] = mv.source
         keep = new.phy2log >= 0
         for path, _ in self._variables:
             if path[-1] in EXPERT_PARAMS:
@@ -392,3 +300,119 @@ class SpmdRunner:
 
     def put_batch(self, arr):
         return jax.device_put(arr, self._sharding(batch_spec()))
+
+
+def local_devices(num_ranks: int):
+    """The first num_ranks devices (on CPU: fake devices asked for before JAX starts)."""
+    devices = jax.devices()
+    if len(devices) < num_ranks and devices[0].platform == "cpu":
+        raise ValueError(
+            f"num_ranks={num_ranks} needs {num_ranks} devices but JAX has {len(devices)}: call "
+            f"jax.config.update('jax_num_cpu_devices', {num_ranks}) before the first use of JAX")
+    if len(devices) < num_ranks:
+        raise ValueError(f"num_ranks={num_ranks} needs {num_ranks} devices, only {len(devices)} present")
+    return devices[:num_ranks]
+
+
+class SpmdRuntime:
+    """The Runtime of one process: a runner over the mesh of the live ranks' devices; an epoch is a new
+    mesh over the survivors (weights and KV cache stay where they are, programs precompiled or loaded
+    from another mesh of that size, else compiled)."""
+    mode = "spmd"
+
+    def __init__(self, cfg, dtype, num_ranks: int, placement: Placement, params: dict, backup: dict | None,
+                 backend: str = "auto", precompile_fallbacks: bool = False, fallback_depth: int = 2):
+        self.devices = local_devices(num_ranks)
+        self.runner = SpmdRunner.create(cfg, dtype, self.devices, placement, params, backend)
+        self.num_ranks, self.backup = num_ranks, backup or {}
+        self.live = list(range(num_ranks))
+        self.shapes: list[StepShape] = []
+        self.fallbacks = FallbackPrograms(fallback_depth, self.devices) if precompile_fallbacks else None
+        self._injected: list[int] = []
+
+    def prepare(self, shapes: list[StepShape]) -> float:
+        self.shapes = list(shapes)
+        t = time.perf_counter()
+        self.runner.precompile(self.shapes, parallel=True)
+        return time.perf_counter() - t
+
+    def prefill(self, batch):
+        return self._run(batch)
+
+    def decode(self, batch):
+        return self._run(batch)
+
+    def _run(self, batch):
+        if self._injected:
+            ranks, self._injected = self._injected, []
+            raise RankFailure(ranks, "injected")
+        try:
+            return self.runner.run(batch.shape, batch.rows)
+        except jax.errors.JaxRuntimeError as e:     # a lost device names itself in the error
+            found = {int(m) for m in re.findall(r"[Dd]evice[ _:#]*(\d+)", str(e))}
+            ranks = [self.live[i] for i in sorted(found) if i < len(self.live)]
+            if not ranks:
+                raise
+            raise RankFailure(ranks, f"XLA runtime error: {e}") from e
+
+    def after_good_step(self, decide):
+        if self.fallbacks is None or not self.shapes:
+            return
+        run, shapes = self.runner, list(self.shapes)
+
+        def compile_for(size: int, dead: list[int]):
+            placement = decide(dead)
+            if placement is None:
+                return None
+            keep = [r for r in self.live if r not in dead]
+            alive = np.isin(np.arange(self.num_ranks), keep)
+            shadow = SpmdRunner(run.cfg, run.dtype, [self.devices[k] for k in keep], compact(placement, alive),
+                                None, run.backend)
+            return {s: Portable(c, shadow.devices) for s, c in shadow.precompile(shapes).items()}
+        self.fallbacks.start(list(self.live), shapes, compile_for)
+
+    def apply_epoch(self, active: np.ndarray, placement: Placement, dead: list[int], fresh=()) -> Applied:
+        self._injected = [r for r in self._injected if r not in dead]
+        alive = np.asarray(active, bool)
+        keep = np.nonzero(alive)[0].tolist()
+        t = time.perf_counter()
+        compiled = self.fallbacks.take(keep, self.shapes) if self.fallbacks is not None else None
+        load_s = time.perf_counter() - t
+        runner, moves = self.runner.survivors([self.live.index(r) for r in keep], compact(placement, alive),
+                                              self.backup, compiled)
+        self.runner, self.live = runner, keep
+        compile_s = load_s if compiled is not None else self.prepare(self.shapes) if self.shapes else 0.0
+        return Applied(moves, compile_s, compiled is not None, runner.cache is not None)
+
+    def set_placement(self, active: np.ndarray, placement: Placement):
+        alive = np.isin(np.arange(self.num_ranks), self.live)
+        self.runner.set_placement(compact(placement, alive))
+        self.runner.set_active(np.asarray(active, np.int32)[self.live])
+
+    def inject(self, rank: int, how: str, delay_s: float = 1.0):
+        if how != "kill":
+            raise ValueError(f"mode='spmd' injects how='kill' only (got {how!r}); hang, slow and drop need "
+                             f"mode='mooncake'")
+        self._injected.append(int(rank))
+
+    def restart(self, rank: int):
+        raise ValueError("restart_rank needs mode='mooncake' (a lost device does not come back)")
+
+    def idle(self, busy):
+        if self.fallbacks is not None:
+            self.fallbacks.free_when_idle(busy)
+
+    def wait_fallbacks(self) -> int:
+        return 0 if self.fallbacks is None else self.fallbacks.wait()
+
+    def score(self, ids: np.ndarray, batch: int, seq: int) -> np.ndarray:
+        padded = np.zeros((batch, seq), np.int32)
+        padded[:ids.shape[0], :ids.shape[1]] = ids
+        run = self.runner
+        logits, _ = run.score_fn(batch, seq)(run.params, run.put_batch(padded), run.log2phy, run.active)
+        return np.asarray(logits)[:ids.shape[0], :ids.shape[1]]
+
+    def close(self):
+        if self.fallbacks is not None:
+            self.fallbacks.close()
+        self.runner = None

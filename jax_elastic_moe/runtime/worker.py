@@ -34,8 +34,7 @@ class Worker:
         import jax.numpy as jnp
         import numpy as np
 
-        from ..config import from_hf_dict
-        from ..engine import DTYPES
+        from ..config import DTYPES, from_hf_dict
         from ..model.loader import load_checkpoint, random_params
         from .detector import HeartbeatSender
         from .transport import Transport
@@ -77,7 +76,7 @@ class Worker:
         del params
         self._upload_experts()
         self._set_epoch(msg)
-        self.compiled, self.cache = {}, None
+        self.compiled, self.cache, self.cache_shape = {}, None, None
         self.heartbeat = HeartbeatSender(msg["heartbeat_endpoint"], self.rank, incarnation=int(msg["incarnation"]),
                                          interval=float(msg["heartbeat_interval"]))
         self.heartbeat.start()
@@ -144,99 +143,57 @@ class Worker:
                                                      step, *arrays, ordered=True))
         return exchange
 
-    def _model_fn(self, kind: str, batch: int, seq: int, cache_len: int):
-        """The compiled step for these shapes (compiled on first use; the controller asks for it
-        ahead of the steps, see compile)."""
-        key = (kind, batch, seq, cache_len)
-        return self.compiled.get(key) or self._build(key)
-
-    def _build(self, key):
-        kind, batch, seq, cache_len = key
+    def _program(self, shape):
+        """The compiled step of this StepShape (the controller asks for every shape ahead of the
+        steps, see compile); not donating the cache: a step abandoned by a failed exchange leaves it
+        intact for the step's re-run."""
+        if shape in self.compiled:
+            return self.compiled[shape]
         jax, jnp = self.jax, self.jnp
-        from flax import nnx
-
         import jax.experimental  # noqa: F401  (io_callback)
 
-        from ..model.moe import EPContext
         from .spmd import abstract_model
-        from .sampling import sample
+        from .step import make_step, row_abstract
         graphdef, variables = abstract_model(self.cfg, self.spr, jnp.dtype(self.dtype))
-        rank = self.rank
-
-        def run(dense, experts, tokens, positions, valid, cache, log2phy, active, step, sample_ids, rng,
-                temperature, top_p, lengths):
-            params = {**dense, **experts}
-            model = nnx.merge(graphdef, nnx.from_flat_state(
-                [(p, v.replace(params[self.key_of(p)])) for p, v in variables]))
-            b, s = tokens.shape
-            seqs = rank * b + jnp.arange(b, dtype=jnp.int32)
-            ctx = EPContext(log2phy=log2phy, active=active,
-                            token_index=(seqs[:, None] * 7919 + positions).reshape(-1).astype(jnp.int32),
-                            valid=valid.reshape(-1), num_ranks=self.num_ranks, slots_per_rank=self.spr,
-                            axis_name=None, exchange=self._exchange_fn(step), backend=self.backend)
-            if cache is None:
-                cache = model.empty_cache(b, cache_len)
-            hidden, cache, counts = model(tokens, positions, cache, ctx)
-            last = jnp.take_along_axis(hidden, jnp.maximum(lengths - 1, 0)[:, None, None], axis=1)[:, 0]
-            return sample(model.logits(last), rng, sample_ids, temperature, top_p), cache, counts
-
-        cache = None if kind == "prefill" else jax.eval_shape(lambda: self._empty_cache(batch, cache_len))
-        compiled = jax.jit(run).lower(*self._abstract_args(kind, batch, seq, cache)).compile()
-        self.compiled[key] = compiled
+        body = make_step(graphdef, variables, self.key_of, shape, num_ranks=self.num_ranks, slots_per_rank=self.spr,
+                         backend=self.backend, rank=self.rank, exchange_for=self._exchange_fn)
+        sds = jax.ShapeDtypeStruct
+        params = {k: sds(a.shape, a.dtype) for k, a in {**self.dense, **self.experts}.items()}
+        cache = jax.eval_shape(lambda: self._empty_cache(shape))
+        compiled = jax.jit(body).lower(params, cache, *row_abstract(shape), sds(self.log2phy.shape, jnp.int32),
+                                       sds(self.active_dev.shape, jnp.int32), sds((), jnp.int32)).compile()
+        self.compiled[shape] = compiled
         return compiled
 
     def compile(self, msg: dict):
-        """Compiles the programs a batch will use, so no rank compiles inside a step with deadlines."""
-        shapes = [(k, int(b), int(s), int(c)) for k, b, s, c in msg["shapes"]]
+        """Compiles the programs of these step shapes, so no rank compiles inside a step with deadlines."""
+        from .step import StepShape
         t = time.perf_counter()
-        for sh in shapes:
-            self._model_fn(*sh)
+        for sh in msg["shapes"]:
+            self._program(StepShape.from_list(sh))
         return {"compile_s": time.perf_counter() - t}
 
-    def _empty_cache(self, batch, cache_len):
-        from flax import nnx
-
+    def _empty_cache(self, shape):
         from .spmd import abstract_model
+        from .step import empty_cache
         graphdef, variables = abstract_model(self.cfg, self.spr, self.jnp.dtype(self.dtype))
-        return nnx.merge(graphdef, nnx.from_flat_state(variables)).empty_cache(batch, cache_len)
-
-    def _abstract_args(self, kind, batch, seq, cache):
-        jax, jnp = self.jax, self.jnp
-        sds = jax.ShapeDtypeStruct
-        vec = sds((batch,), jnp.int32)
-        key = jax.eval_shape(lambda: jax.random.key(0))
-        return (jax.tree.map(lambda a: sds(a.shape, a.dtype), self.dense),
-                jax.tree.map(lambda a: sds(a.shape, a.dtype), self.experts),
-                sds((batch, seq), jnp.int32), sds((batch, seq), jnp.int32), sds((batch, seq), jnp.bool_),
-                cache, sds(self.log2phy.shape, jnp.int32), sds(self.active_dev.shape, jnp.int32),
-                sds((), jnp.int32), vec, key, sds((), jnp.float32), sds((), jnp.float32), vec)
+        return empty_cache(graphdef, variables, shape.slots, shape.cache_len)
 
     def step(self, msg: dict):
-        """Runs one prefill or decode step of this rank's rows; returns its next tokens and counts."""
+        """Runs one step of this rank's rows on its KV-cache slots; returns its next tokens and counts.
+        The cache is kept across epochs: a failure elsewhere does not touch this rank's requests."""
         jax, jnp, np = self.jax, self.jnp, self.np
-        kind, cache_len = msg["kind"], int(msg["cache_len"])
-        tokens = np.asarray(msg["tokens"], np.int32)
-        b = tokens.shape[0]
-        if kind == "prefill":
-            seq = tokens.shape[1]
-            positions = np.broadcast_to(np.arange(seq, dtype=np.int32), (b, seq))
-            lengths = np.asarray(msg["lengths"], np.int32)
-            valid = positions < lengths[:, None]
-            cache = None
-        else:
-            seq = 1
-            positions = np.asarray(msg["positions"], np.int32)[:, None]
-            valid = np.asarray(msg["valid"], bool)[:, None]
-            lengths = np.ones(b, np.int32)
-            cache = self.cache
-        fn = self._model_fn(kind, b, seq, cache_len)
+        from .step import ROW_INPUTS, StepShape
+        shape = StepShape.from_list(msg["shape"])
+        fn = self._program(shape)
+        if self.cache is None or self.cache_shape != (shape.slots, shape.cache_len):
+            self.cache = jax.jit(lambda: self._empty_cache(shape))()
+            self.cache_shape = (shape.slots, shape.cache_len)
+        rows = [jnp.asarray(np.asarray(msg[name], np.dtype(dtype))) for name, (dtype, _) in ROW_INPUTS.items()]
         self.failure = None
         try:
-            nxt, cache, counts = fn(self.dense, self.experts, jnp.asarray(tokens), jnp.asarray(positions),
-                                    jnp.asarray(valid), cache, self.log2phy, self.active_dev,
-                                    jnp.int32(msg["step"]), jnp.asarray(np.asarray(msg["sample_ids"], np.int32)),
-                                    jax.random.key(int(msg["seed"])), jnp.float32(msg["temperature"]),
-                                    jnp.float32(msg["top_p"]), jnp.asarray(lengths))
+            nxt, cache, counts = fn({**self.dense, **self.experts}, self.cache, *rows, self.log2phy,
+                                    self.active_dev, jnp.int32(msg["step"]))
             nxt = np.asarray(nxt)
         except Exception as e:  # the exchange raised inside the step: report the suspects
             if self.failure is None:
@@ -256,7 +213,6 @@ class Worker:
         peers = {int(r): PeerAddress.from_dict(a) for r, a in msg["peers"].items()}
         self.transport.set_peers(peers)
         self._set_epoch(msg)
-        self.cache = None
         return {}
 
     def load(self, msg: dict):

@@ -1,0 +1,243 @@
+"""The scheduler: every request's state, and continuous batching over fixed slots.
+
+Each live rank has `seqs_per_rank` KV-cache slots (data-parallel attention: a request's cache lives
+on one rank). A step of the engine is up to two programs of fixed shapes:
+
+  decode   one token for every running request (every slot of every live rank; idle slots padded)
+  prefill  a chunk of up to `chunk` context tokens for up to `prefill_rows` requests per rank, the
+           chunk size bucketed (a few compiled shapes), so running requests keep decoding while a
+           long prompt is prefilled
+
+Requests are admitted into free slots as others finish ("continuous"), or only when every slot is
+free ("static": the old batch-at-a-time behaviour, a policy here, not a second code path). A failure
+sends back to the queue only the requests whose slots were on the dead ranks; they are prefilled
+again from prompt + tokens so far through the same admission path, and the others keep their cache.
+Token i of a request is sampled from (its seed, fold_in(request id, i)): the same token whatever the
+batch, slot, rank or failure."""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import time
+
+import numpy as np
+
+from .runtime.step import ROW_INPUTS, StepShape
+
+ADMISSION = ("continuous", "static")
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+    stop_token_ids: frozenset = frozenset()
+
+
+@dataclasses.dataclass
+class Request:
+    id: int                             # its index in the generate call; numbers its sampling stream
+    prompt: list[int]
+    params: SamplingParams
+    out: list[int] = dataclasses.field(default_factory=list)
+    finish_reason: str | None = None    # "stop" | "length" once done
+    rank: int | None = None             # the global rank holding its cache slot
+    slot: int | None = None
+    cached: int = 0                     # context tokens written to its cache slot
+    target: int = 0                     # context tokens to prefill (set at admission)
+    arrived: float = 0.0
+    token_times: list[float] = dataclasses.field(default_factory=list)
+    requeued_at: float | None = None    # when a failure last sent it back to the queue
+    requeue_delays: list[float] = dataclasses.field(default_factory=list)
+
+    @property
+    def context(self) -> list[int]:
+        return self.prompt + self.out
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def sample_id(self) -> int:
+        return (self.id * 1_000_003 + len(self.out)) % (2 ** 31)
+
+
+@dataclasses.dataclass
+class Batch:
+    """The numpy inputs of one step over the live ranks (rank-major: rows of live[i] first)."""
+    shape: StepShape
+    rows: dict                          # ROW_INPUTS name -> [live * shape.rows (, chunk)] array
+    requests: list                      # (global row, Request) with a token to take from this step
+
+
+def chunk_buckets(max_chunk: int, smallest: int = 16) -> tuple[int, ...]:
+    """Prefill chunk sizes compiled: powers of 4 times `smallest` below max_chunk, then max_chunk."""
+    sizes, c = [], smallest
+    while c < max_chunk:
+        sizes.append(c)
+        c *= 4
+    return tuple(sizes) + (max_chunk,)
+
+
+class Scheduler:
+    def __init__(self, live: list[int], seqs_per_rank: int, prefill_rows: int, max_chunk: int,
+                 cache_len: int, admission: str = "continuous"):
+        if admission not in ADMISSION:
+            raise ValueError(f"admission must be one of {ADMISSION}, got {admission!r}")
+        self.seqs_per_rank, self.prefill_rows, self.cache_len = seqs_per_rank, prefill_rows, cache_len
+        self.buckets = chunk_buckets(max_chunk)
+        self.admission = admission
+        self.live: list[int] = list(live)
+        self.waiting: collections.deque[Request] = collections.deque()
+        self.slots: dict[tuple[int, int], Request] = {}       # (rank, slot) -> request
+        self.requeued = 0
+
+    # -- shapes ---------------------------------------------------------------------------------
+    def shapes(self) -> list[StepShape]:
+        """Every step shape this scheduler can ask for (the warm-up compiles them all)."""
+        s, l = self.seqs_per_rank, self.cache_len
+        return [StepShape("decode", s, 1, s, l)] + [StepShape("prefill", self.prefill_rows, c, s, l)
+                                                   for c in self.buckets]
+
+    # -- requests -------------------------------------------------------------------------------
+    def add(self, requests: list[Request]):
+        now = time.perf_counter()
+        for r in requests:
+            r.arrived = now
+            self.waiting.append(r)
+
+    def clear(self):
+        """Forgets every request (a generate() call ended, normally or not)."""
+        self.waiting.clear()
+        self.slots.clear()
+
+    def unfinished(self) -> bool:
+        return bool(self.waiting or self.slots)
+
+    def set_live(self, live: list[int]) -> list[Request]:
+        """The ranks of the new epoch; requests whose slots were on other ranks go back to the front
+        of the queue (oldest first) with their tokens so far. Returns them."""
+        self.live = list(live)
+        gone = sorted((r for (rank, _), r in self.slots.items() if rank not in self.live), key=lambda r: r.id)
+        self.slots = {k: r for k, r in self.slots.items() if k[0] in self.live}
+        now = time.perf_counter()
+        for r in reversed(gone):
+            r.rank = r.slot = None
+            r.cached = 0
+            r.requeued_at = now
+            self.waiting.appendleft(r)
+        self.requeued += len(gone)
+        return gone
+
+    def evict_all(self) -> list[Request]:
+        """Every request back to the queue (the caches were lost)."""
+        live, self.live = self.live, []
+        gone = self.set_live([])
+        self.live = live
+        return gone
+
+    def _admit(self):
+        if self.admission == "static" and self.slots:
+            return
+        free = {rank: [j for j in range(self.seqs_per_rank) if (rank, j) not in self.slots] for rank in self.live}
+        while self.waiting:
+            rank = max(self.live, key=lambda k: (len(free[k]), -self.live.index(k)), default=None)
+            if rank is None or not free[rank]:
+                return
+            r = self.waiting.popleft()
+            r.rank, r.slot, r.cached, r.target = rank, free[rank].pop(0), 0, len(r.context)
+            self.slots[(rank, r.slot)] = r
+
+    # -- steps ----------------------------------------------------------------------------------
+    def _empty_rows(self, rows: int, chunk: int, slot_default) -> dict:
+        n = len(self.live) * rows
+        out = {name: np.zeros((n, chunk) if chunked else (n,), np.dtype(dtype))
+               for name, (dtype, chunked) in ROW_INPUTS.items()}
+        out["positions"][:] = self.cache_len           # padding: cache writes dropped
+        out["slot"][:] = slot_default
+        out["top_p"][:] = 1.0
+        return out
+
+    @staticmethod
+    def _sampling(rows: dict, i: int, r: Request):
+        rows["seeds"][i] = r.params.seed
+        rows["sample_ids"][i] = r.sample_id
+        rows["temperature"][i] = r.params.temperature
+        rows["top_p"][i] = r.params.top_p
+
+    def decode_batch(self) -> Batch | None:
+        """One token for every request whose context is in its cache."""
+        running = [(k, r) for k, r in self.slots.items() if r.cached >= r.target]
+        if not running:
+            return None
+        s = self.seqs_per_rank
+        rows = self._empty_rows(s, 1, 0)
+        rows["slot"][:] = np.tile(np.arange(s, dtype=np.int32), len(self.live))
+        taken = []
+        for (rank, j), r in running:
+            i = self.live.index(rank) * s + j
+            rows["tokens"][i, 0] = r.out[-1]
+            rows["positions"][i, 0] = len(r.context) - 1
+            rows["valid"][i, 0] = True
+            self._sampling(rows, i, r)
+            taken.append((i, r))
+        return Batch(StepShape("decode", s, 1, s, self.cache_len), rows, taken)
+
+    def prefill_batch(self) -> Batch | None:
+        """Admits what fits, then the next chunk of up to prefill_rows prefilling requests per rank."""
+        self._admit()
+        per_rank: dict[int, list[Request]] = {}
+        for r in sorted(self.slots.values(), key=lambda r: r.id):
+            if r.cached < r.target and len(per_rank.setdefault(r.rank, [])) < self.prefill_rows:
+                per_rank[r.rank].append(r)
+        chosen = [r for rs in per_rank.values() for r in rs]
+        if not chosen:
+            return None
+        need = max(r.target - r.cached for r in chosen)
+        chunk = next((c for c in self.buckets if c >= need), self.buckets[-1])
+        p = self.prefill_rows
+        rows = self._empty_rows(p, chunk, self.seqs_per_rank)
+        taken = []
+        for rank, rs in per_rank.items():
+            for k, r in enumerate(rs):
+                i = self.live.index(rank) * p + k
+                n = min(chunk, r.target - r.cached)
+                rows["tokens"][i, :n] = r.context[r.cached:r.cached + n]
+                rows["positions"][i, :n] = np.arange(r.cached, r.cached + n)
+                rows["valid"][i, :n] = True
+                rows["slot"][i] = r.slot
+                rows["last"][i] = n - 1
+                self._sampling(rows, i, r)
+                taken.append((i, r, n))
+        return Batch(StepShape("prefill", p, chunk, self.seqs_per_rank, self.cache_len), rows, taken)
+
+    def commit(self, batch: Batch, next_tokens: np.ndarray, now: float | None = None) -> int:
+        """Applies a step's results (only after the step succeeded); returns the tokens made."""
+        now = time.perf_counter() if now is None else now
+        made = 0
+        for item in batch.requests:
+            i, r = item[0], item[1]
+            if batch.shape.kind == "prefill":
+                r.cached += item[2]
+                if r.cached < r.target:
+                    continue
+            else:
+                r.cached += 1
+                r.target = r.cached
+            tok = int(next_tokens[i])
+            r.out.append(tok)
+            r.token_times.append(now)
+            made += 1
+            if r.requeued_at is not None:
+                r.requeue_delays.append(now - r.requeued_at)
+                r.requeued_at = None
+            if tok in r.params.stop_token_ids:
+                r.finish_reason = "stop"
+            elif len(r.out) >= r.params.max_new_tokens:
+                r.finish_reason = "length"
+            if r.done:
+                del self.slots[(r.rank, r.slot)]
+        return made
