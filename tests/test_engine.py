@@ -133,7 +133,7 @@ def test_bad_input_is_rejected_clearly(engines, tmp_path):
         four.generate([[1, -1]])
     with pytest.raises(ValueError, match="no prompts"):
         four.generate([])
-    with pytest.raises(ValueError, match="empty prompt"):
+    with pytest.raises(ValueError, match="prompt 1 is empty"):
         four.generate([[1], []])
     with pytest.raises(ValueError, match="tokenizer"):
         four.generate(["hello"])

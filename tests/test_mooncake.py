@@ -34,7 +34,7 @@ def engine():
     try:
         yield eng, pids
     finally:
-        pids += [w.pid for w in eng._runner.workers.values()]
+        pids += [w.pid for w in eng._runtime.workers.values()]
         eng.close()
         time.sleep(0.5)
         for pid in pids:                      # every worker is gone, by pid
@@ -66,7 +66,7 @@ def test_no_failure_matches_one_device(engine, reference):
 
 def test_kill_one_mid_generation(engine, reference):
     eng, pids = engine
-    pids.append(eng._runner.workers[1].pid)
+    pids.append(eng._runtime.workers[1].pid)
     eng.fail_rank(1, how="kill", at_step=3)
     assert run(eng) == reference
     rec = last_recovery(eng)
@@ -79,7 +79,7 @@ def test_rank_rejoins_and_takes_load(engine, reference):
     eng, pids = engine
     with time_limit(600, "restart"):
         eng.restart_rank(1)
-    pids.append(eng._runner.workers[1].pid)
+    pids.append(eng._runtime.workers[1].pid)
     assert eng.stats()["alive_ranks"] == [0, 1, 2, 3]
     assert (eng.placement.phy2log[:, 4:8] >= 0).any(), "the rejoined rank holds experts again"
     validate(eng.placement, eng.alive)
@@ -111,7 +111,7 @@ def restart(eng, pids, *ranks):
     for r in ranks:
         with time_limit(600, "restart"):
             eng.restart_rank(r)
-        pids.append(eng._runner.workers[r].pid)
+        pids.append(eng._runtime.workers[r].pid)
     run(eng, 600)                                   # compiles for 4 live ranks again
     with time_limit(600, "background compiles"):
         eng.wait_fallbacks()

@@ -1,6 +1,8 @@
 """One-process elastic path on 8 fake CPU devices: fail ranks mid-generation, keep every request."""
 import time
 
+import jax
+
 import numpy as np
 import pytest
 
@@ -19,7 +21,7 @@ def reference_tokens():
 
 def check_weights(eng):
     """Every slot of the live mesh holds exactly the weights of the expert the placement names."""
-    run = eng._runner
+    run = eng._runtime.runner
     for key, arr in run.params.items():
         path = key.split("/")
         if path[-1] not in ("w_gate", "w_up", "w_down"):
@@ -40,7 +42,8 @@ def test_fail_one_then_two_more(reference_tokens):
         st = eng.stats()
         assert st["epoch"] == 1 and st["alive_ranks"] == [0, 1, 2, 4, 5, 6, 7]
         rec = st["recoveries"][0]
-        assert rec["failed_ranks"] == [3] and rec["requests_requeued"] == len(PROMPTS)
+        # 8 requests over 8 ranks: only the one on rank 3 is prefilled again; the others keep their cache
+        assert rec["failed_ranks"] == [3] and rec["requests_requeued"] == 1 and rec["cache_kept"]
         assert rec["total_s"] > 0 and rec["compile_s"] > 0
         validate(eng.placement, eng.alive)
         check_weights(eng)
@@ -51,7 +54,9 @@ def test_fail_one_then_two_more(reference_tokens):
         assert [r.token_ids for r in out] == reference_tokens
         st = eng.stats()
         assert st["alive_ranks"] == [1, 2, 4, 5, 7] and len(st["recoveries"]) == 2
-        assert st["recoveries"][1]["failed_ranks"] == [0, 6]
+        assert st["recoveries"][1]["failed_ranks"] == [0, 6] 
+        # 8 requests over 7 ranks: rank 0 held two of them, rank 6 one
+        assert st["recoveries"][1]["requests_requeued"] == 3
         validate(eng.placement, eng.alive)
         check_weights(eng)
         # the engine still scores like one device
@@ -79,7 +84,7 @@ def test_two_simultaneous_failures_use_programs_compiled_for_another_pair(refere
                                 precompile_fallbacks=True) as eng:
         eng.generate(PROMPTS, max_new_tokens=12, stop_token_ids=[])
         assert eng.wait_fallbacks() == 8 + 28                            # every 1- and 2-failure survivor set
-        assert sorted(eng._portable) == [6, 7]
+        assert sorted(eng._runtime.fallbacks.portable) == [6, 7]
         eng.fail_rank(1, at_step=5)
         eng.fail_rank(4, at_step=5)
         out = eng.generate(PROMPTS, max_new_tokens=12, stop_token_ids=[])
@@ -89,38 +94,42 @@ def test_two_simultaneous_failures_use_programs_compiled_for_another_pair(refere
         validate(eng.placement, eng.alive)
         check_weights(eng)
         # programs kept: those of survivor sets inside the new mesh; the others are freed while idle
-        assert all(k <= set(eng.stats()["alive_ranks"]) for k in eng._fallbacks)
+        assert all(k <= set(eng.stats()["alive_ranks"]) for k in eng._runtime.fallbacks.loaded)
         deadline = time.monotonic() + 20
-        while eng._stale and time.monotonic() < deadline:
+        while eng._runtime.fallbacks.stale and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert not eng._stale
+        assert not eng._runtime.fallbacks.stale
 
 
 def test_portable_program_matches_one_compiled_for_its_devices():
-    import jax
     from jax_elastic_moe.runtime.controller import compact
     from jax_elastic_moe.runtime.spmd import Portable, SpmdRunner
-    with jem.Engine.from_config("tiny", num_ranks=4, redundant_experts=4, seed=0) as eng:
-        run = eng._runner
+    from jax_elastic_moe.runtime.step import ROW_INPUTS, StepShape
+    with jem.Engine.from_config("tiny", num_ranks=4, redundant_experts=4, seed=0, max_model_len=32) as eng:
+        eng.generate(PROMPTS[:4], max_new_tokens=3, stop_token_ids=[])       # every survivor holds a cache
+        run = eng._runtime.runner
         _, p = eng._controller.decide([3], eng.expert_loads(), eng.placement)
         p = compact(p, np.array([1, 1, 1, 0], bool))
         devs = run.devices
         a = SpmdRunner(run.cfg, run.dtype, devs[:3], p, None, run.backend)
         b, _ = run.survivors([0, 2, 3], p, eng._backup)      # the mesh the program is moved onto
-        moved = Portable(a.decode_fn(6, 16), a.devices).load(b.devices)
-        native = b.decode_fn(6, 16)
-        cache = b.prefill(np.arange(6 * 16, dtype=np.int32).reshape(6, 16) % 200, np.full(6, 16, np.int32),
-                          np.arange(6, dtype=np.int32), 16, (0, 0.0, 1.0)) and b._cache
-        args = (b.put_batch(np.arange(6, dtype=np.int32)), b.put_batch(np.full(6, 15, np.int32)),
-                b.put_batch(np.ones(6, bool)), b.put_batch(np.arange(6, dtype=np.int32)), b.log2phy, b.active,
-                jax.random.key(0), np.float32(0.0), np.float32(1.0))
-        copy = jax.tree.map(lambda x: x.copy(), cache)
-        got, want = moved(b.params, copy, *args), native(b.params, cache, *args)
+        shape = StepShape("decode", eng.seqs_per_rank, 1, eng.seqs_per_rank, 32)
+        moved = Portable(a.step_fn(shape), a.devices).load(b.devices)
+        native = b.step_fn(shape)
+        n = 3 * shape.rows
+        rows = {name: np.ones((n, 1) if chunked else (n,), np.dtype(dtype)) for name, (dtype, chunked) in ROW_INPUTS.items()}
+        rows["tokens"][:] = np.arange(n)[:, None] % 200
+        rows["positions"][:] = 5
+        rows["slot"][:] = np.tile(np.arange(shape.rows), 3)
+        rows["last"][:] = 0
+        args = [b.put_batch(v) for v in rows.values()] + [b.log2phy, b.active, np.int32(0)]
+        copy = jax.tree.map(lambda x: x.copy(), b.cache)
+        got, want = moved(b.params, copy, *args), native(b.params, b.cache, *args)
         assert {s.device for s in got[0].addressable_shards} == set(b.devices)
         for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
             assert np.array_equal(np.asarray(g), np.asarray(w))
         with pytest.raises(ValueError, match="compiled for 3 devices"):
-            Portable(a.decode_fn(6, 16), a.devices).load(devs)
+            Portable(a.step_fn(shape), a.devices).load(devs)
 
 
 def test_too_few_survivors_stop_the_engine_clearly():

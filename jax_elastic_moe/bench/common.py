@@ -114,7 +114,9 @@ def engine_kwargs(args, *, redundant: int | None = None, **extra) -> dict:
     """Keyword arguments of Engine.from_config for the workload options. `mode` is passed only for
     mooncake: spmd is the engine's default."""
     kw = dict(num_ranks=args.ranks, redundant_experts=args.redundant if redundant is None else redundant,
-              seed=args.seed, dtype=args.dtype, max_batch_size=max(args.batch, 1), **extra)
+              seed=args.seed, dtype=args.dtype, seqs_per_rank=max(1, -(-args.batch // args.ranks)),
+              max_model_len=args.prompt_len + args.new_tokens)
+    kw.update(extra)
     if args.mode != "spmd":
         kw["mode"] = args.mode
     return kw

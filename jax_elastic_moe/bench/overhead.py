@@ -27,10 +27,10 @@ from .throughput import measure_run
 
 
 def decode_step_cost(eng) -> dict:
-    """XLA's cost analysis of the compiled decode step of the last batch (spmd): flops and bytes
-    accessed, per device. Deterministic: it shows what the extra slots cost, free of timing noise."""
-    _, batch, cache_len = eng._batch_shapes[-1]
-    cost = eng._runner.decode_fn(batch, cache_len).cost_analysis()
+    """XLA's cost analysis of the compiled decode step (spmd): flops and bytes accessed, per device.
+    Deterministic: it shows what the extra slots cost, free of timing noise."""
+    decode = next(s for s in eng._scheduler.shapes() if s.kind == "decode")
+    cost = eng._runtime.runner.step_fn(decode).cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     return {"flops": float(cost.get("flops", 0.0)), "bytes_accessed": float(cost.get("bytes accessed", 0.0))}
 
