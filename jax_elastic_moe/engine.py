@@ -356,7 +356,8 @@ class Engine:
         while sched.unfinished():
             self._due_failures(step)
             try:
-                for batch in (sched.decode_batch(), sched.prefill_batch()):
+                for make in (sched.decode_batch, sched.prefill_batch):     # admits into slots freed by decode
+                    batch = make()
                     if batch is None:
                         continue
                     nxt, counts = getattr(self._runtime, batch.shape.kind)(batch)

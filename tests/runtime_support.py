@@ -1,4 +1,5 @@
-"""Shared helpers of the runtime tests: a per-test time limit and bounded child processes.
+"""Shared helpers of the runtime tests: a per-test time limit, bounded child processes, and a counter
+of XLA compilations.
 
 Every child started here is bounded in time by itself (its own deadline) and is killed by pid when
 the test ends (`ChildProcesses.close`), stopped or not.
@@ -110,3 +111,19 @@ def control_worker(endpoint: str, rank: int, lifetime: float):
                 return
             if msg["type"] == "epoch":
                 client.notify(message("ack", rank=rank, epoch=msg["epoch"]))
+
+
+class CompileCounter:
+    """Counts XLA backend compilations while active."""
+
+    def __init__(self):
+        self.count = 0
+        import jax
+        jax.monitoring.register_event_duration_secs_listener(self._on_event)
+
+    def _on_event(self, event, duration, **kw):
+        if event == "/jax/core/compile/backend_compile_duration":
+            self.count += 1
+
+
+COUNTER = CompileCounter()

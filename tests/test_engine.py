@@ -3,29 +3,16 @@ bad input rejected before any compute."""
 import json
 import os
 
-import jax
 import numpy as np
 import pytest
 
 import jax_elastic_moe as jem
 from jax_elastic_moe.placement import Placement, rebalance
+from runtime_support import COUNTER
 
 TINY = "tiny"
 
 
-class CompileCounter:
-    """Counts XLA backend compilations while active."""
-
-    def __init__(self):
-        self.count = 0
-        jax.monitoring.register_event_duration_secs_listener(self._on_event)
-
-    def _on_event(self, event, duration, **kw):
-        if event == "/jax/core/compile/backend_compile_duration":
-            self.count += 1
-
-
-COUNTER = CompileCounter()
 
 
 @pytest.fixture(scope="module")
