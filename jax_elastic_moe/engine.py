@@ -213,6 +213,17 @@ class Engine:
             raise ValueError(f"ranks {np.nonzero(active.astype(bool) & ~self.alive)[0].tolist()} are dead")
         self._install(active, self._placement)
 
+    @property
+    def admission(self) -> str:
+        """The scheduler's admission policy: "continuous" or "static" (only when every slot is free)."""
+        return self._scheduler.admission
+
+    @admission.setter
+    def admission(self, policy: str):
+        if policy not in ADMISSION:
+            raise ValueError(f"admission must be one of {ADMISSION}, got {policy!r}")
+        self._scheduler.admission = policy
+
     def rebalance(self, policy: str | None = None) -> Placement:
         """Re-places experts from the measured loads over the alive ranks, close to the current placement."""
         self._check_open()
@@ -399,6 +410,7 @@ class Engine:
         if self._pending_record is not None:
             rec, restored_at, failed_at = self._pending_record
             rec.resume_s = now - restored_at
+            rec.resumed_at = now
             rec.total_s = now - min(failed_at, self._last_good)
             self._pending_record = None
             if self.metrics is not None:

@@ -31,9 +31,24 @@ def test_throughput_report(tmp_path):
     assert report["settings"]["config"] == "tiny" and report["settings"]["new_tokens"] == 4
     assert report["tokens_per_s"]["n"] == 2 and report["tokens_per_s"]["min"] > 0
     assert 0 < report["ttft_s"]["p50"] <= report["ttft_s"]["p99"]
-    assert report["tpot_s"]["n"] == 2 * 3              # 3 decode steps after the prefill, per run
+    assert report["tpot_s"]["n"] == 2 * 2              # one per request, per run
     assert all(run["tokens"] == 2 * 4 for run in report["runs"])
     assert report["outputs_same_every_run"] is True
+
+
+def test_throughput_mixed_workload_runs_both_admission_policies(tmp_path):
+    js, png = outputs(tmp_path, "throughput_mixed")
+    assert throughput.main(TINY + ["--ranks", "2", "--redundant", "2", "--batch", "4", "--workload", "mixed",
+                                   "--num-requests", "6", "--repeats", "1", "--json", str(js), "--plot", str(png)]) == 0
+    report = read(js, png)
+    assert report["policies"] == ["continuous", "static"] and report["requests"]["num"] == 6
+    assert 16 <= report["requests"]["prompt_len"]["min"] and report["requests"]["prompt_len"]["max"] <= 512
+    assert report["same_tokens_both_policies"] is True
+    for p in ("continuous", "static"):
+        (r,) = report["by_policy"][p]["runs"]
+        assert r["tokens"] == sum(throughput.mixed_workload(6, 256, 0)[1])
+    assert report["continuous_over_static"] == pytest.approx(
+        report["by_policy"]["continuous"]["tokens_per_s"]["mean"] / report["by_policy"]["static"]["tokens_per_s"]["mean"])
 
 
 def test_overhead_report(tmp_path):
@@ -51,7 +66,7 @@ def test_overhead_report(tmp_path):
 def test_recovery_report(tmp_path):
     js, png = outputs(tmp_path, "recovery")
     assert recovery.main(TINY + ["--mode", "spmd", "--ranks", "4", "--redundant", "4", "--fail", "1",
-                                 "--batch", "4", "--new-tokens", "7", "--at-step", "3",
+                                 "--batch", "8", "--new-tokens", "7", "--at-step", "4",
                                  "--no-precompile-fallbacks", "--compilation-cache-dir", str(tmp_path / "xla"),
                                  "--json", str(js), "--plot", str(png)]) == 0
     report = read(js, png)
@@ -63,7 +78,9 @@ def test_recovery_report(tmp_path):
     assert row["interruption_s"] >= row["detect_s"] + row["decide_s"] + row["restore_s"] > 0
     assert row["interruption_over_restart"] == pytest.approx(row["interruption_s"] / report["restart_s"])
     assert row["throughput_before"] > 0 and row["throughput_after"] > 0
-    assert row["expected_fraction"] == 0.75 and len(row["steps"]) == 7
+    assert row["expected_fraction"] == 0.75 and len(row["steps"]) >= 7
+    # 2 slots per rank: the dead rank's 2 requests were prefilled again and waited for their next token
+    assert row["requests_requeued"] == 2 and row["requeue_delay_s"]["n"] == 2 and row["requeue_delay_s"]["min"] > 0
 
 
 def test_recovery_refuses_counts_the_survivors_cannot_serve(capsys):

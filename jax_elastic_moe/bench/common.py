@@ -110,12 +110,22 @@ def use_cpu_devices(n: int):
         pass
 
 
+def seqs_per_rank(args) -> int:
+    """Decode slots per rank for --batch requests in all (every prompt prefilled in the same steps)."""
+    return max(1, -(-args.batch // args.ranks))
+
+
+def prefill_steps(args, chunk: int = 256) -> int:
+    """Steps the engine takes to prefill --prompt-len tokens in chunks (engine default chunk)."""
+    return -(-args.prompt_len // min(chunk, args.prompt_len + args.new_tokens))
+
+
 def engine_kwargs(args, *, redundant: int | None = None, **extra) -> dict:
     """Keyword arguments of Engine.from_config for the workload options. `mode` is passed only for
     mooncake: spmd is the engine's default."""
     kw = dict(num_ranks=args.ranks, redundant_experts=args.redundant if redundant is None else redundant,
-              seed=args.seed, dtype=args.dtype, seqs_per_rank=max(1, -(-args.batch // args.ranks)),
-              max_model_len=args.prompt_len + args.new_tokens)
+              seed=args.seed, dtype=args.dtype, seqs_per_rank=seqs_per_rank(args),
+              prefill_rows=seqs_per_rank(args), max_model_len=args.prompt_len + args.new_tokens)
     kw.update(extra)
     if args.mode != "spmd":
         kw["mode"] = args.mode

@@ -4,12 +4,14 @@ full restart measured in the same run.
   jem bench recovery --mode spmd --ranks 4 --redundant 8 --fail 1,2 --json out.json --plot out.png
 
 For each count k of --fail, a fresh engine (same settings) runs the workload once without a failure
-(warm-up: compilation, and the reference tokens), then again with k ranks failed (--how) when decode
-step --at-step starts. Per row: interruption_s (last good step before the failure -> first good
-step after, from the engine's recovery record), its breakdown (detect, decide, restore, compile,
-resume), throughput before (decode steps before the failure) and after (steps after the first good
-step of the recovery) against the (N - k) / N expected of the survivors, outputs_identical (greedy
-tokens equal to the run without a failure) and requests_lost (requests without all their tokens).
+(warm-up: compilation, and the reference tokens), then again with k ranks failed (--how) when engine
+step --at-step starts (default: the middle of decoding, after the prompts' prefill chunks). Per row:
+interruption_s (the survivors' gap: last good step before the failure -> first good step after,
+from the engine's recovery record), its breakdown (detect, decide, restore, compile, resume),
+requeue_delay_s (what the dead ranks' requests, prefilled again on the survivors, wait from the
+recovery to their next token), throughput before and after against the (N - k) / N expected of the
+survivors, outputs_identical (greedy tokens equal to the run without a failure) and requests_lost
+(requests without all their tokens).
 restart_s: a new process with the same settings and mode starts Python, imports JAX, builds the
 engine, compiles and makes a first token (wall clock from the parent's spawn to that token)."""
 from __future__ import annotations
@@ -102,7 +104,10 @@ def failure_row(args, k: int, eng, prompts, restart_s: float) -> dict:
     if not records:
         raise RuntimeError(f"failing ranks {ranks} at step {args.at_step} caused no recovery")
     steps = run["steps"]                       # (seconds since generate started, tokens) per good step
-    before, after = steps[:args.at_step], steps[args.at_step:]      # after[0]: first good step of recovery
+    resumed = records[-1]["resumed_at"] - run["start"]
+    failed = records[0]["resumed_at"] - records[0]["total_s"] - run["start"]
+    before = [st for st in steps if st[0] <= failed + 1e-9]
+    after = [st for st in steps if st[0] >= resumed - 1e-9]
     rate_before, rate_after = common.decode_rate(before), common.decode_rate(after)
     expected = (args.ranks - k) / args.ranks
     interruption = sum(r["total_s"] for r in records)
@@ -112,6 +117,8 @@ def failure_row(args, k: int, eng, prompts, restart_s: float) -> dict:
         "requests_lost": sum(len(o) != args.new_tokens for o in run["outputs"]) + len(prompts) - len(run["outputs"]),
         "interruption_s": interruption,
         "interruption_from_step_log_s": after[0][0] - before[-1][0],
+        "failed_at_s": failed, "resumed_at_s": resumed,
+        "requeue_delay_s": common.summary(run["requeue_delay_s"]),
         "restart_s": restart_s,
         "interruption_over_restart": interruption / restart_s,
         "recoveries": len(records),
@@ -137,13 +144,15 @@ def failure_row(args, k: int, eng, prompts, restart_s: float) -> dict:
 def run(args) -> dict:
     if args.batch is None:
         args.batch = 4 * args.ranks               # every rank has work, before and after failures
+    prefill = common.prefill_steps(args)
     if args.at_step is None:
-        args.at_step = args.new_tokens // 2
+        args.at_step = prefill + args.new_tokens // 2
     counts = [int(x) for x in args.fail.split(",") if x.strip()]
     check_feasible(args, counts)
-    if not 3 <= args.at_step <= args.new_tokens - 3:
-        raise common.SettingsError(f"--at-step {args.at_step}: needs 3 <= at_step <= new_tokens - 3 = {args.new_tokens - 3} "
-                         f"(steps on both sides of the failure to measure throughput)")
+    if not prefill + 3 <= args.at_step <= prefill + args.new_tokens - 3:
+        raise common.SettingsError(
+            f"--at-step {args.at_step}: needs {prefill + 3} <= at_step <= {prefill + args.new_tokens - 3} (the "
+            f"prompts take {prefill} prefill steps; decode steps on both sides of the failure to measure throughput)")
     common.use_cpu_devices(args.ranks)
     from ..config import load_config_file
     from ..config import resolve_preset
@@ -170,12 +179,13 @@ def run(args) -> dict:
 
 def table(result: dict, args) -> str:
     head = (f"{args.config} ({args.mode}): {args.ranks} ranks, {args.redundant} redundant, batch {args.batch}, "
-            f"prompt {args.prompt_len}, {args.new_tokens} new tokens, fail at decode step {args.at_step} "
+            f"prompt {args.prompt_len}, {args.new_tokens} new tokens, fail at step {args.at_step} "
             f"({args.how}); full restart {result['restart_s']:.2f} s")
     headers = ["failed", "same", "lost", "detect", "decide", "restore", "compile", "resume", "interrupt",
-               "/restart", "tok/s before", "after", "after/before", "(N-k)/N"]
+               "/restart", "requeued", "their wait", "tok/s before", "after", "after/before", "(N-k)/N"]
     rows = [[r["failed"], r["outputs_identical"], r["requests_lost"], r["detect_s"], r["decide_s"], r["restore_s"],
              r["compile_s"], r["resume_s"], r["interruption_s"], r["interruption_over_restart"],
+             r["requests_requeued"], r["requeue_delay_s"]["max"],
              r["throughput_before"], r["throughput_after"], r["after_over_before"], r["expected_fraction"]]
             for r in result["rows"]]
     verdict = [f"{r['failed']} failed: requests_lost {r['requests_lost']}, outputs_identical {r['outputs_identical']}, "
@@ -191,9 +201,10 @@ def plot(result: dict, path: str):
     fig, axes = common.new_figure(len(rows), 1, figsize=(10, 3.2 * len(rows)), squeeze=False)
     for ax, r in zip(axes[:, 0], rows):
         rates = common.step_rates(r["steps"], 0.0)
-        failed_at, recovered_at = r["steps"][r["at_step"] - 1][0], r["steps"][r["at_step"]][0]
-        k = r["at_step"]          # rates[k]: the first good step after the failure (its rate spans the gap)
-        for part, label in ((rates[1:k], "output tokens/s per decode step"), (rates[k + 1:], None)):
+        failed_at, recovered_at = r["failed_at_s"], r["resumed_at_s"]
+        before = [x for x in rates[1:] if x[0] <= failed_at + 1e-9]
+        after = [x for x in rates if x[0] > recovered_at + 1e-9]      # the first step after spans the gap
+        for part, label in ((before, "output tokens/s per step"), (after, None)):
             ax.plot([t for t, _ in part], [x for _, x in part], marker=".", color="tab:blue", label=label)
         ax.axvspan(failed_at, recovered_at, color="tab:red", alpha=0.2,
                    label=f"failure of ranks {r['failed_ranks']} -> recovered ({r['interruption_s']:.3f} s)")
@@ -212,7 +223,8 @@ def main(argv=None) -> int:
     ap.add_argument("--fail", default="1,2", help="comma-separated counts of ranks to fail, one row each")
     ap.add_argument("--how", default="kill", choices=["kill", "hang", "slow", "drop"],
                     help="failure to inject (spmd: kill only)")
-    ap.add_argument("--at-step", type=int, default=None, help="decode step the failure hits (default: middle)")
+    ap.add_argument("--at-step", type=int, default=None,
+                    help="engine step the failure hits (default: the middle of decoding)")
     ap.add_argument("--precompile-fallbacks", action=argparse.BooleanOptionalAction, default=True,
                     help="spmd: compile the one-failure meshes in the background before the failure")
     ap.add_argument("--compilation-cache-dir", help="persistent JAX compilation cache (also for the restart)")

@@ -46,6 +46,7 @@ class RecoveryRecord:
     compile_s: float = 0.0      # programs for the new mesh (0 when precompiled or data-only)
     resume_s: float = 0.0       # interrupted step run again (re-prefill of the requests in flight)
     total_s: float = 0.0        # last good step before the failure -> first good step after
+    resumed_at: float = 0.0     # time.perf_counter() of that first good step
     moved_experts: int = 0
     restored_from_backup: int = 0
     requests_requeued: int = 0
