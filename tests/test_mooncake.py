@@ -20,16 +20,27 @@ PROMPTS = [[3, 4, 5], [10, 20, 30, 40, 50, 60], [7], [100, 101], [9, 9, 9, 9], [
 NEW = 10
 
 
+# 2 KV-cache slots per rank (8 in all), chunks of at most 16 prompt tokens
+KW = dict(seed=0, seqs_per_rank=2, max_model_len=128, prefill_chunk=16)
+MIXED = [list(range(3, 3 + n)) for n in (5, 40, 2, 17, 9, 70, 1, 12, 26, 3, 55, 8)]
+MIXED_NEW = [9, 3, 7, 1, 10, 4, 8, 6, 2, 9, 5, 3]
+
+
 @pytest.fixture(scope="module")
-def reference():
-    with jem.Engine.from_config("tiny", num_ranks=1, seed=0) as eng:
-        return [r.token_ids for r in eng.generate(PROMPTS, max_new_tokens=NEW, stop_token_ids=[])]
+def one_rank():
+    with jem.Engine.from_config("tiny", num_ranks=1, **KW) as eng:
+        yield eng
+
+
+@pytest.fixture(scope="module")
+def reference(one_rank):
+    return [r.token_ids for r in one_rank.generate(PROMPTS, max_new_tokens=NEW, stop_token_ids=[])]
 
 
 @pytest.fixture(scope="module")
 def engine():
     with time_limit(600, "starting 4 workers"):
-        eng = jem.Engine.from_config("tiny", num_ranks=4, redundant_experts=8, seed=0, mode="mooncake")
+        eng = jem.Engine.from_config("tiny", num_ranks=4, redundant_experts=8, mode="mooncake", **KW)
     pids = []
     try:
         yield eng, pids
@@ -62,6 +73,38 @@ def test_no_failure_matches_one_device(engine, reference):
     assert run(eng, 600) == reference
     with time_limit(600, "background compiles"):
         eng.wait_fallbacks()
+
+
+def test_mixed_lengths_admitted_as_others_finish_without_compiling(engine, one_rank):
+    eng, _ = engine
+    want = [r.token_ids for r in one_rank.generate(MIXED, max_new_tokens=MIXED_NEW, stop_token_ids=[])]
+    programs = dict(eng._runtime.programs)
+    assert programs and all(n == len(eng._scheduler.shapes()) for n in programs.values())
+    with time_limit(300, "generate"):
+        got = [r.token_ids for r in eng.generate(MIXED, max_new_tokens=MIXED_NEW, stop_token_ids=[])]
+    assert got == want and [len(t) for t in got] == MIXED_NEW
+    first = {r.id: r.token_times[0] for r in eng.last_requests}
+    done = {r.id: r.token_times[-1] for r in eng.last_requests}
+    late = [i for i in first if first[i] > min(done.values())]       # 12 requests, 8 slots
+    assert late and any(done[j] > first[i] for i in late for j in done if j != i)
+    assert eng._runtime.programs == programs, "a worker compiled after the warm-up"
+
+
+def test_kill_during_chunked_prefill_keeps_the_survivors_caches(engine, one_rank):
+    eng, pids = engine
+    long = [list(range(4, 4 + n)) for n in (70, 55, 3, 64, 8, 41, 66, 2)]
+    want = [r.token_ids for r in one_rank.generate(long, max_new_tokens=6, stop_token_ids=[])]
+    pids.append(eng._runtime.workers[2].pid)
+    eng.fail_rank(2, how="kill", at_step=2)        # the 55-70 token prompts take 4-5 chunks of 16
+    with time_limit(300, "generate"):
+        assert [r.token_ids for r in eng.generate(long, max_new_tokens=6, stop_token_ids=[])] == want
+    rec = last_recovery(eng)
+    assert rec["failed_ranks"] == [2] and rec["requests_requeued"] == 2 and rec["cache_kept"]
+    assert rec["compile_s"] == 0 and rec["total_s"] < 5
+    assert all(len(r.out) == 6 for r in eng.last_requests)
+    with time_limit(600, "restart"):
+        eng.restart_rank(2)                         # compiles its programs before it takes part
+    pids.append(eng._runtime.workers[2].pid)
 
 
 def test_kill_one_mid_generation(engine, reference):

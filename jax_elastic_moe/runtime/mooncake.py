@@ -90,6 +90,7 @@ class MooncakeRuntime:
         self._ids = itertools.count(1)
         self._step_seq = 0
         self.shapes: list = []                      # the step shapes every live worker has compiled
+        self.programs: dict[int, int] = {}          # rank -> programs it had compiled at its last step
         self.injected_at: dict[int, float] = {}     # fault injection time per rank (detection timing)
         self._closed = False
         self.server = ControlServer(endpoint)
@@ -281,6 +282,7 @@ class MooncakeRuntime:
         for i, r in enumerate(self.live):
             out[i * b:(i + 1) * b] = replies[r]["tokens"]
             counts += np.asarray(replies[r]["counts"], np.int64).reshape(counts.shape)
+            self.programs[r] = int(replies[r]["programs"])
         return out, counts
 
     # -- epochs ---------------------------------------------------------------------------------------

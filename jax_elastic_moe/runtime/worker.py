@@ -204,7 +204,8 @@ class Worker:
             hard = {int(r) for r in res.direct if "deadline" not in str(res.failed.get(r, ""))}
             return {"ok": False, "failed_step": True, "direct": sorted(hard), "reason": str(e)[:300]}
         self.cache = cache
-        return {"ok": True, "tokens": nxt.tolist(), "counts": np.asarray(counts).reshape(-1).tolist()}
+        return {"ok": True, "tokens": nxt.tolist(), "counts": np.asarray(counts).reshape(-1).tolist(),
+                "programs": len(self.compiled)}
 
     # -- epochs and weights -----------------------------------------------------------------------
     def epoch(self, msg: dict):
