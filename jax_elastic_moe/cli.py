@@ -12,7 +12,8 @@ def cmd_generate(args) -> int:
     from .bench.common import synthetic_prompts, use_cpu_devices
     use_cpu_devices(args.ranks)
     import jax_elastic_moe as jem
-    kw = dict(num_ranks=args.ranks, redundant_experts=args.redundant, dtype=args.dtype)
+    kw = dict(num_ranks=args.ranks, redundant_experts=args.redundant, dtype=args.dtype,
+              seqs_per_rank=args.seqs_per_rank, max_model_len=args.max_model_len)
     t0 = time.perf_counter()
     eng = (jem.Engine.from_pretrained(args.model, **kw) if args.model
            else jem.Engine.from_config(args.config, seed=args.seed, **kw))
@@ -45,19 +46,21 @@ def cmd_demo(args) -> int:
     use_cpu_devices(max(args.ranks, 1))
     import jax_elastic_moe as jem
     print(f"reference: {args.config}, one device, no failure ...", flush=True)
-    with jem.Engine.from_config(args.config, num_ranks=1, seed=args.seed) as ref:
+    # KV-cache slots for every request at once, as long as the longest request needs
+    slots = dict(seqs_per_rank=-(-args.num_prompts // args.ranks), max_model_len=args.prompt_len + args.max_new_tokens)
+    with jem.Engine.from_config(args.config, num_ranks=1, seed=args.seed, **slots) as ref:
         prompts = synthetic_prompts(args.num_prompts, args.prompt_len, ref.cfg.vocab_size, args.seed, vary=True)
         want = [o.token_ids for o in ref.generate(prompts, max_new_tokens=args.max_new_tokens, stop_token_ids=[])]
     print(f"starting {args.ranks} ranks (mode={args.mode}), {args.redundant} redundant experts ...", flush=True)
     t0 = time.perf_counter()
     kw = {"mode": args.mode} if args.mode != "spmd" else {}
     with jem.Engine.from_config(args.config, num_ranks=args.ranks, redundant_experts=args.redundant,
-                                seed=args.seed, **kw) as eng:
+                                seed=args.seed, **slots, **kw) as eng:
         print(f"  ready in {time.perf_counter() - t0:.1f} s; warm-up batch ...", flush=True)
         eng.generate(prompts, max_new_tokens=args.max_new_tokens, stop_token_ids=[])
         eng.wait_fallbacks()
         print(f"generating {len(prompts)} requests x {args.max_new_tokens} tokens; rank {args.kill} is killed "
-              f"at decode step {args.at_step}", flush=True)
+              f"at step {args.at_step}", flush=True)
         eng.fail_rank(args.kill, how=args.how, at_step=args.at_step)
         t1 = time.perf_counter()
         outs = eng.generate(prompts, max_new_tokens=args.max_new_tokens, stop_token_ids=[], progress=not args.quiet)
@@ -103,6 +106,9 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--num-prompts", type=int, default=8)
     g.add_argument("--prompt-len", type=int, default=32)
     g.add_argument("--max-new-tokens", type=int, default=32)
+    g.add_argument("--seqs-per-rank", type=int, default=8, help="KV-cache slots per rank (requests decoding at once)")
+    g.add_argument("--max-model-len", type=int, default=None,
+                   help="positions per KV-cache slot, prompt + output (default: min(model limit, 1024))")
     g.add_argument("--temperature", type=float, default=0.0)
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=0)
