@@ -2,11 +2,8 @@
 (membership, epochs, placement, recovery, rejoin) and a Runtime (spmd or mooncake)."""
 from __future__ import annotations
 
-import collections
-import dataclasses
 import os
-import threading
-import time
+import weakref
 from typing import Sequence
 
 import numpy as np
@@ -15,32 +12,14 @@ from .config import DTYPES, ConfigError, ModelConfig, from_hf_dict, read_config_
 from .inputs import make_requests
 from .metrics import EngineMetrics
 from .model.loader import is_expert_path, load_checkpoint, random_params
-from .placement import Placement, PlacementError, rebalance, validate
-from .runtime.controller import Controller, EngineDead, RankFailure
-from .scheduler import ADMISSION, Scheduler
+from .placement import Placement, rebalance, validate
+from .runtime.controller import Controller, EngineDead
+from .scheduler import Scheduler
+from .serving import ServingLoop
+from .settings import (ADMISSION, GenerationResult, check_engine, check_token_array, enable_compilation_cache,
+                       positive)
 
-
-@dataclasses.dataclass
-class GenerationResult:
-    token_ids: list[int]            # generated tokens (the stop token included when one ended it)
-    prompt_token_ids: list[int]
-    finish_reason: str              # "stop" | "length"
-    text: str | None = None         # decoded generated tokens, when the model has a tokenizer
-
-
-def enable_compilation_cache(path: str):
-    """JAX's persistent compilation cache in `path`, for every program however fast it compiled."""
-    import jax
-    os.makedirs(path, exist_ok=True)
-    jax.config.update("jax_compilation_cache_dir", path)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-
-
-def _positive(name: str, v, minimum: int = 1) -> int:
-    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {v!r}")
-    return int(v)
+__all__ = ["Engine", "GenerationResult"]
 
 
 class Engine:
@@ -61,15 +40,15 @@ class Engine:
                  exchange_timeout: float = 1.0, heartbeat_interval: float = 0.2, heartbeat_timeout: float = 3.0,
                  spawn_workers: bool = True, controller_endpoint: str = "tcp://127.0.0.1:0",
                  ep_backend: str = "auto", metrics_port: int | None = None, fallback_depth: int = 2):
-        _check_settings(cfg, num_ranks, redundant_experts, dtype, mode, source, backup, admission)
-        self.seqs_per_rank = _positive("seqs_per_rank", seqs_per_rank)
-        self.max_model_len = _positive("max_model_len", min(cfg.max_position_embeddings, 1024)
+        check_engine(cfg, num_ranks, redundant_experts, dtype, mode, source, backup, admission)
+        self.seqs_per_rank = positive("seqs_per_rank", seqs_per_rank)
+        self.max_model_len = positive("max_model_len", min(cfg.max_position_embeddings, 1024)
                                        if max_model_len is None else max_model_len, 2)
         if self.max_model_len > cfg.max_position_embeddings:
             raise ValueError(f"max_model_len={self.max_model_len} exceeds the model's max_position_embeddings="
                              f"{cfg.max_position_embeddings}")
-        prefill_chunk = min(_positive("prefill_chunk", prefill_chunk), self.max_model_len)
-        prefill_rows = _positive("prefill_rows", max(1, self.seqs_per_rank // 2) if prefill_rows is None
+        prefill_chunk = min(positive("prefill_chunk", prefill_chunk), self.max_model_len)
+        prefill_rows = positive("prefill_rows", max(1, self.seqs_per_rank // 2) if prefill_rows is None
                                  else prefill_rows)
         if compilation_cache_dir:
             enable_compilation_cache(compilation_cache_dir)
@@ -77,38 +56,32 @@ class Engine:
         self.num_ranks, self.redundant_experts = num_ranks, redundant_experts
         self.slots_per_rank = (cfg.num_experts + redundant_experts) // num_ranks
         self.max_replicas = redundant_experts + 1
-        self._loads = collections.deque(maxlen=load_window)
         self._closed, self._busy = False, False
-        self._dead: EngineDead | None = None
-        self._controller = Controller(num_ranks, self.slots_per_rank, self.max_replicas, recovery_policy)
-        self._placement = self._fit(rebalance(np.ones((cfg.num_moe_layers, cfg.num_experts)), num_ranks,
-                                              self.slots_per_rank, policy=placement_policy))
-        self._active = np.ones(num_ranks, np.int32)
+        self._controller = ctl = Controller(num_ranks, self.slots_per_rank, self.max_replicas, recovery_policy)
+        ctl.placement = self._fit(rebalance(np.ones((cfg.num_moe_layers, cfg.num_experts)), num_ranks,
+                                            self.slots_per_rank, policy=placement_policy))
         self._backup = {p: a for p, a in params.items() if is_expert_path(p)} if backup == "host" else None
         if mode == "spmd":
             from .runtime.spmd import SpmdRuntime
-            self._runtime = SpmdRuntime(cfg, DTYPES[dtype], num_ranks, self._placement, params, self._backup,
+            self._runtime = SpmdRuntime(cfg, DTYPES[dtype], num_ranks, ctl.placement, params, self._backup,
                                         ep_backend, precompile_fallbacks, fallback_depth)
         else:
             from .runtime.mooncake import MooncakeRuntime
-            self._runtime = MooncakeRuntime(cfg, source, dtype, num_ranks, self._placement, self._backup,
+            self._runtime = MooncakeRuntime(cfg, source, dtype, num_ranks, ctl.placement, self._backup,
                                             exchange_timeout=exchange_timeout, heartbeat_interval=heartbeat_interval,
                                             heartbeat_timeout=heartbeat_timeout, spawn=spawn_workers,
                                             endpoint=controller_endpoint, backend=ep_backend,
                                             max_rows=max(self.seqs_per_rank, prefill_rows * prefill_chunk))
+        # a dropped engine (no close()) still stops what its runtime started (worker processes)
+        self._finalizer = weakref.finalize(self, self._runtime.close)
         self._scheduler = Scheduler(self._runtime.live, self.seqs_per_rank, prefill_rows, prefill_chunk,
                                     self.max_model_len, admission)
-        self._prepared: list = []
-        self._failures: list[tuple] = []      # (rank, how, at_step, delay_s) injected, not yet fired
-        self._fail_lock = threading.Lock()
-        self._pending_record = None
-        self._last_good = time.perf_counter()
-        self.step_log: list[tuple[float, int]] = []    # (time.perf_counter() at the end, tokens made)
-        self.last_requests: list = []                  # the scheduler's requests of the last generate()
-        self.transient_retries = 0          # steps run again after a timeout with nobody dead
-        self._exchange_timeout = exchange_timeout
         self.metrics = None if metrics_port is None else EngineMetrics(num_ranks, metrics_port)   # 0: a free port
         self.metrics_port = None if self.metrics is None else self.metrics.port
+        self._loop = ServingLoop(self._scheduler, self._runtime, ctl, load_window=load_window, metrics=self.metrics,
+                                 exchange_timeout=exchange_timeout)
+        self.step_log = self._loop.step_log            # (time.perf_counter() at the end, tokens made)
+        self.last_requests: list = []                  # the scheduler's requests of the last generate()
 
     # -- construction -----------------------------------------------------------------------------
     @classmethod
@@ -137,7 +110,7 @@ class Engine:
             cfg = from_hf_dict(raw)
         except ConfigError as e:
             raise ConfigError(f"{path}: {e}") from None
-        _check_settings(cfg, num_ranks, redundant_experts, dtype, kw.get("mode", "spmd"), {},
+        check_engine(cfg, num_ranks, redundant_experts, dtype, kw.get("mode", "spmd"), {},
                         kw.get("backup", "host"), kw.get("admission", "continuous"))
         kw.setdefault("source", {"config": raw, "seed": seed})
         return cls(cfg, random_params(cfg, DTYPES[dtype], seed), num_ranks=num_ranks,
@@ -145,7 +118,7 @@ class Engine:
 
     def close(self):
         if self._runtime is not None:
-            self._runtime.close()
+            self._finalizer()           # runtime.close(), once
         self._closed, self._runtime = True, None
         if self.metrics is not None:
             self.metrics.close()
@@ -156,9 +129,14 @@ class Engine:
     def __exit__(self, *exc):
         self.close()
 
+    @property
+    def transient_retries(self) -> int:
+        """Steps run again after a timeout with every rank alive."""
+        return self._loop.transient_retries
+
     def _check_open(self):
-        if self._dead is not None:
-            raise EngineDead(f"the engine has stopped: {self._dead}")
+        if self._loop.dead is not None:
+            raise EngineDead(f"the engine has stopped: {self._loop.dead}")
         if self._closed:
             raise RuntimeError("the engine is closed")
 
@@ -166,12 +144,12 @@ class Engine:
     @property
     def placement(self) -> Placement:
         """The current placement in global rank numbering (a dead rank's slots are empty)."""
-        return self._placement
+        return self._controller.placement
 
     @property
     def active(self) -> np.ndarray:
         """[num_ranks] int32: 1 for the ranks taking part in the current epoch."""
-        return self._active.copy()
+        return self._controller.active.copy()
 
     @property
     def alive(self) -> np.ndarray:
@@ -179,29 +157,16 @@ class Engine:
         return self._controller.alive.copy()
 
     def _fit(self, p: Placement) -> Placement:
-        if p.num_ranks != self.num_ranks or p.slots_per_rank != self.slots_per_rank:
-            raise PlacementError(f"placement is for {p.num_ranks} ranks x {p.slots_per_rank} slots, the engine "
-                                 f"has {self.num_ranks} x {self.slots_per_rank}")
-        if p.num_layers != self.cfg.num_moe_layers or p.num_logical != self.cfg.num_experts:
-            raise PlacementError(f"placement covers {p.num_layers} layers x {p.num_logical} experts, the model "
-                                 f"has {self.cfg.num_moe_layers} x {self.cfg.num_experts}")
-        if p.logcnt.max(initial=0) > self.max_replicas:
-            raise PlacementError(f"an expert has {p.logcnt.max()} replicas; at most {self.max_replicas} fit")
-        return p if p.max_replicas == self.max_replicas else p.with_max_replicas(self.max_replicas)
+        return self._controller.fit(p, self.cfg.num_moe_layers, self.cfg.num_experts)
 
     def _install(self, active: np.ndarray, p: Placement):
-        live = p.live_logcnt(active.astype(bool))
-        if (live < 1).any():
-            layer, expert = np.argwhere(live < 1)[0]
-            raise PlacementError(f"logical expert {expert} of MoE layer {layer} has no replica on an active rank")
-        self._runtime.set_placement(active, p)
-        self._placement, self._active = p, active
+        self._controller.apply(active, p, self._runtime)
         self._scheduler.set_live(self._runtime.live)
 
     def set_placement(self, p: Placement):
         """Installs any valid placement: expert weights move between slots; nothing recompiles."""
         self._check_open()
-        self._install(self._active, self._fit(validate(p, self.alive)))
+        self._install(self.active, self._fit(validate(p, self.alive)))
 
     def set_active(self, active: Sequence[int]):
         """Sets the active-ranks mask (int 0/1 per rank): inactive ranks receive no tokens."""
@@ -211,7 +176,7 @@ class Engine:
             raise ValueError(f"active must be {self.num_ranks} values of 0 or 1, got {active.tolist()}")
         if (active.astype(bool) & ~self.alive).any():
             raise ValueError(f"ranks {np.nonzero(active.astype(bool) & ~self.alive)[0].tolist()} are dead")
-        self._install(active, self._placement)
+        self._install(active, self.placement)
 
     @property
     def admission(self) -> str:
@@ -228,16 +193,14 @@ class Engine:
         """Re-places experts from the measured loads over the alive ranks, close to the current placement."""
         self._check_open()
         p = rebalance(self.expert_loads().astype(np.float64) + 1.0, self.num_ranks, self.slots_per_rank,
-                      policy=policy or self._controller.policy, alive=self.alive, previous=self._placement,
+                      policy=policy or self._controller.policy, alive=self.alive, previous=self.placement,
                       max_replicas=self.max_replicas)
         self.set_placement(p)
         return p
 
     def expert_loads(self) -> np.ndarray:
         """[Lm, E] tokens routed to each logical expert over the last steps (the load window)."""
-        if not self._loads:
-            return np.zeros((self.cfg.num_moe_layers, self.cfg.num_experts), np.int64)
-        return np.sum(self._loads, axis=0)
+        return self._loop.expert_loads(self.cfg.num_moe_layers, self.cfg.num_experts)
 
     # -- failures -----------------------------------------------------------------------------------
     def fail_rank(self, rank: int, how: str = "kill", at_step: int | None = None, delay_s: float = 1.0):
@@ -253,19 +216,11 @@ class Engine:
                 or not self.alive[rank]:
             raise ValueError(f"rank {rank!r} is not a live rank (alive: {np.nonzero(self.alive)[0].tolist()})")
         if at_step is not None:
-            _positive("at_step", at_step, 0)
+            positive("at_step", at_step, 0)
         if self.mode == "mooncake" and at_step is None and how in ("kill", "hang"):
             self._runtime.inject(rank, how)          # a signal: safe from any thread, fires now
             return
-        with self._fail_lock:
-            self._failures.append((int(rank), how, at_step, delay_s))
-
-    def _due_failures(self, step: int):
-        with self._fail_lock:
-            due = [f for f in self._failures if f[2] is None or f[2] <= step]
-            self._failures = [f for f in self._failures if f not in due]
-        for rank, how, _, delay_s in due:
-            self._runtime.inject(rank, how, delay_s)
+        self._loop.inject_at(rank, how, at_step, delay_s)
 
     def restart_rank(self, rank: int):
         """Brings a failed rank back (mooncake mode): a fresh worker joins at a step boundary, gets
@@ -273,8 +228,7 @@ class Engine:
         self._check_open()
         if self.mode != "mooncake":
             raise ValueError("restart_rank needs mode='mooncake' (a lost device does not come back)")
-        self._placement = self._controller.rejoin(rank, self._runtime, self.expert_loads(), self._placement)
-        self._active = self._controller.epoch.active.copy()
+        self._controller.rejoin(rank, self._runtime, self.expert_loads())
         self._scheduler.set_live(self._runtime.live)
 
     def wait_fallbacks(self) -> int:
@@ -284,27 +238,9 @@ class Engine:
     def stats(self) -> dict:
         """The epoch, active ranks, and one record per recovery."""
         return {"mode": self.mode, "epoch": self._controller.epoch.number,
-                "active_ranks": np.nonzero(self._active)[0].tolist(),
+                "active_ranks": np.nonzero(self.active)[0].tolist(),
                 "alive_ranks": np.nonzero(self.alive)[0].tolist(), "transient_retries": self.transient_retries,
                 "recoveries": [r.as_dict() for r in self._controller.records]}
-
-    def _recover(self, failure: RankFailure):
-        if self.metrics is not None:
-            self.metrics.on_recovering()
-        try:
-            rec, self._placement = self._controller.recover(failure, self._runtime, self.expert_loads(),
-                                                            self._placement)
-        except EngineDead as e:
-            self._dead = e
-            if self.metrics is not None:
-                self.metrics.on_dead()
-            raise
-        self._active = self._controller.epoch.active.copy()
-        gone = self._scheduler.set_live(self._runtime.live)
-        if not rec.cache_kept:
-            gone += self._scheduler.evict_all()
-        rec.requests_requeued = len(gone)
-        self._pending_record = (rec, time.perf_counter(), failure.failed_at)
 
     # -- compute ------------------------------------------------------------------------------------
     def score(self, token_ids) -> np.ndarray:
@@ -312,14 +248,7 @@ class Engine:
         self._check_open()
         if self.mode != "spmd":
             raise ValueError("score() runs in mode='spmd'; mode='mooncake' serves generate()")
-        ids = np.asarray(token_ids)
-        if ids.ndim != 2 or ids.shape[0] == 0 or ids.shape[1] == 0:
-            raise ValueError(f"token_ids must be a non-empty [batch, seq] array, got shape {ids.shape}")
-        if not np.issubdtype(ids.dtype, np.integer):
-            raise ValueError(f"token_ids must be integers, got {ids.dtype}")
-        if ids.min() < 0 or ids.max() >= self.cfg.vocab_size:
-            bad = ids[(ids < 0) | (ids >= self.cfg.vocab_size)][0]
-            raise ValueError(f"token id {bad} is outside the vocabulary [0, {self.cfg.vocab_size})")
+        ids = check_token_array(token_ids, self.cfg.vocab_size)
         n = len(self._runtime.live)
         batch = -(-max(8, 1 << (ids.shape[0] - 1).bit_length()) // n) * n
         return self._runtime.score(ids, batch, max(8, 1 << (ids.shape[1] - 1).bit_length()))
@@ -341,7 +270,7 @@ class Engine:
             bar = tqdm(total=sum(r.params.max_new_tokens for r in reqs), desc="generate", unit="tok")
         self._busy = True
         try:
-            self._serve(reqs, bar)
+            self._loop.run(reqs, bar)
         finally:
             self._scheduler.clear()
             self._busy = False
@@ -355,84 +284,3 @@ class Engine:
             for r in results:
                 r.text = self.tokenizer.decode(r.token_ids)
         return results
-
-    def _serve(self, reqs, bar):
-        sched, rt = self._scheduler, self._runtime
-        if sched.shapes() != self._prepared:            # warm-up: every shape, before any step
-            rt.prepare(sched.shapes())
-            self._prepared = sched.shapes()
-        sched.add(reqs)
-        step, retries, recovered = 0, 0, False
-        self._last_good = time.perf_counter()
-        while sched.unfinished():
-            self._due_failures(step)
-            try:
-                for make in (sched.decode_batch, sched.prefill_batch):     # admits into slots freed by decode
-                    batch = make()
-                    if batch is None:
-                        continue
-                    nxt, counts = getattr(self._runtime, batch.shape.kind)(batch)
-                    made = sched.commit(batch, nxt)
-                    self._loads.append(counts)
-                    self._good_step(made)
-                    if bar is not None:
-                        bar.update(made)
-                    if not recovered:       # the next failures' programs: never right after a recovery
-                        self._runtime.after_good_step(self._decide_for)
-                retries = 0
-            except RankFailure as f:
-                if f.ranks:
-                    self._recover(f)
-                    recovered = True
-                    continue
-                # a step timed out with every rank alive (compute skew): run it again with the peer
-                # tables re-installed (a transport marks a peer failed after a timed-out write)
-                retries += 1
-                self.transient_retries += 1
-                self._runtime.set_placement(self._active, self._placement)
-                if retries > 5:
-                    raise RuntimeError(f"steps keep timing out with every rank alive ({f.reason}); "
-                                       f"raise exchange_timeout (now {self._exchange_timeout} s)") from f
-            step += 1
-
-    def _decide_for(self, dead: list[int]) -> Placement | None:
-        """The placement the controller would choose if `dead` failed now (None: it could not serve)."""
-        try:
-            return self._controller.decide(dead, self.expert_loads(), self._placement)[1]
-        except EngineDead:
-            return None
-
-    def _good_step(self, tokens: int):
-        now = time.perf_counter()
-        self.step_log.append((now, tokens))
-        if self.metrics is not None:
-            self.metrics.on_step(now - self._last_good, tokens)
-        if self._pending_record is not None:
-            rec, restored_at, failed_at = self._pending_record
-            rec.resume_s = now - restored_at
-            rec.resumed_at = now
-            rec.total_s = now - min(failed_at, self._last_good)
-            self._pending_record = None
-            if self.metrics is not None:
-                self.metrics.on_recovered(int(self._active.sum()), rec.total_s)
-        self._last_good = now
-
-
-def _check_settings(cfg, num_ranks, redundant_experts, dtype, mode, source, backup, admission):
-    """Engine settings checked before any weight is built."""
-    _positive("num_ranks", num_ranks)
-    _positive("redundant_experts", redundant_experts, 0)
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    if mode not in ("spmd", "mooncake"):
-        raise ValueError(f"mode must be 'spmd' or 'mooncake', got {mode!r}")
-    if mode == "mooncake" and source is None:
-        raise ValueError("mode='mooncake' needs the model's source: use Engine.from_config / from_pretrained")
-    if backup not in ("host", None):
-        raise ValueError(f"backup must be 'host' or None, got {backup!r}")
-    if admission not in ADMISSION:
-        raise ValueError(f"admission must be one of {ADMISSION}, got {admission!r}")
-    num_slots = cfg.num_experts + redundant_experts
-    if num_slots % num_ranks:
-        raise ValueError(f"{cfg.num_experts} experts + redundant_experts={redundant_experts} = {num_slots} slots "
-                         f"do not divide evenly over num_ranks={num_ranks}")

@@ -23,8 +23,7 @@ import time
 import numpy as np
 
 from .runtime.step import ROW_INPUTS, StepShape
-
-ADMISSION = ("continuous", "static")
+from .settings import ADMISSION
 
 
 @dataclasses.dataclass(frozen=True)

@@ -111,8 +111,10 @@ def use_cpu_devices(n: int):
 
 
 def seqs_per_rank(args) -> int:
-    """Decode slots per rank for --batch requests in all (every prompt prefilled in the same steps)."""
-    return max(1, -(-args.batch // args.ranks))
+    """Decode slots per rank for --batch requests in all, over the ranks that stay alive when a
+    benchmark fails some (args.survivors; default all): the KV-cache headroom that lets survivors take
+    the dead ranks' requests at once, as redundant experts are the weights' headroom."""
+    return max(1, -(-args.batch // getattr(args, "survivors", args.ranks)))
 
 
 def prefill_steps(args, chunk: int = 256) -> int:

@@ -13,7 +13,9 @@ recovery to their next token), throughput before and after against the (N - k) /
 survivors, outputs_identical (greedy tokens equal to the run without a failure) and requests_lost
 (requests without all their tokens).
 restart_s: a new process with the same settings and mode starts Python, imports JAX, builds the
-engine, compiles and makes a first token (wall clock from the parent's spawn to that token)."""
+engine, compiles and makes a first token (wall clock from the parent's spawn to that token). Each
+rank gets KV-cache slots for batch / (ranks - max failed) requests, so the survivors can take the
+dead ranks' requests at once."""
 from __future__ import annotations
 
 import argparse
@@ -149,6 +151,7 @@ def run(args) -> dict:
         args.at_step = prefill + args.new_tokens // 2
     counts = [int(x) for x in args.fail.split(",") if x.strip()]
     check_feasible(args, counts)
+    args.survivors = args.ranks - max(counts)      # KV-cache slots for every request after the failure
     if not prefill + 3 <= args.at_step <= prefill + args.new_tokens - 3:
         raise common.SettingsError(
             f"--at-step {args.at_step}: needs {prefill + 3} <= at_step <= {prefill + args.new_tokens - 3} (the "

@@ -66,6 +66,8 @@ class Controller:
         self.max_replicas, self.policy = max_replicas, policy
         self.epoch = Epoch(0, np.ones(num_ranks, np.int32), 0)
         self.records: list[RecoveryRecord] = []
+        self.placement: Placement | None = None     # the current placement, global rank numbering
+        self.active = np.ones(num_ranks, np.int32)  # the ranks taking part (alive, and not set inactive)
 
     @property
     def alive(self) -> np.ndarray:
@@ -93,16 +95,36 @@ class Controller:
     def install(self, epoch: Epoch):
         self.epoch = epoch
 
-    def recover(self, failure: RankFailure, runtime, loads: np.ndarray, current: Placement,
-                requeued: int = 0) -> tuple[RecoveryRecord, Placement]:
+    def fit(self, p: Placement, num_layers: int, num_experts: int) -> Placement:
+        """`p` checked against this engine's ranks, slots, layers, experts and replicas (padded to
+        max_replicas)."""
+        if p.num_ranks != self.num_ranks or p.slots_per_rank != self.slots_per_rank:
+            raise PlacementError(f"placement is for {p.num_ranks} ranks x {p.slots_per_rank} slots, the engine "
+                                 f"has {self.num_ranks} x {self.slots_per_rank}")
+        if p.num_layers != num_layers or p.num_logical != num_experts:
+            raise PlacementError(f"placement covers {p.num_layers} layers x {p.num_logical} experts, the model "
+                                 f"has {num_layers} x {num_experts}")
+        if p.logcnt.max(initial=0) > self.max_replicas:
+            raise PlacementError(f"an expert has {p.logcnt.max()} replicas; at most {self.max_replicas} fit")
+        return p if p.max_replicas == self.max_replicas else p.with_max_replicas(self.max_replicas)
+
+    @staticmethod
+    def check_live(p: Placement, active: np.ndarray):
+        """Every logical expert has a replica on an active rank."""
+        live = p.live_logcnt(np.asarray(active).astype(bool))
+        if (live < 1).any():
+            layer, expert = np.argwhere(live < 1)[0]
+            raise PlacementError(f"logical expert {expert} of MoE layer {layer} has no replica on an active rank")
+
+    def recover(self, failure: RankFailure, runtime, loads: np.ndarray) -> RecoveryRecord:
         """Decides the epoch without the failed ranks and has `runtime` apply it. Returns the record
-        (resume_s and total_s are filled in by the first good step after) and the new placement.
-        Raises EngineDead when the survivors cannot serve."""
+        (resume_s and total_s are filled in by the first good step after). Raises EngineDead when the
+        survivors cannot serve, RankFailure when another rank dies while the epoch is applied."""
         t0 = time.perf_counter()
         rec = RecoveryRecord(epoch=0, failed_ranks=failure.ranks, detect_s=failure.detected_at - failure.failed_at,
-                             requests_requeued=requeued, evidence=failure.reason[:500])
+                             evidence=failure.reason[:500])
         try:
-            epoch, placement = self.decide(failure.ranks, loads, current)
+            epoch, placement = self.decide(failure.ranks, loads, self.placement)
         except EngineDead as e:
             raise EngineDead(f"{e} (evidence: {failure.reason[:300]})") from None
         t1 = time.perf_counter()
@@ -114,10 +136,11 @@ class Controller:
         rec.restore_s = time.perf_counter() - t1 - applied.compile_s
         rec.cache_kept = applied.cache_kept
         self.install(epoch)
+        self.placement, self.active = placement, epoch.active.copy()
         self.records.append(rec)
-        return rec, placement
+        return rec
 
-    def rejoin(self, rank: int, runtime, loads: np.ndarray, current: Placement) -> Placement:
+    def rejoin(self, rank: int, runtime, loads: np.ndarray):
         """Brings dead `rank` back: a fresh process, then an epoch whose placement (a rebalance close to
         `current`) gives it slots, loaded from its peers or the host backup."""
         if not 0 <= rank < self.num_ranks or self.alive[rank]:
@@ -126,10 +149,16 @@ class Controller:
         alive = self.alive.copy()
         alive[rank] = True
         placement = rebalance(np.asarray(loads, np.float64) + 1.0, self.num_ranks, self.slots_per_rank,
-                              policy=self.policy, alive=alive, previous=current, max_replicas=self.max_replicas)
+                              policy=self.policy, alive=alive, previous=self.placement, max_replicas=self.max_replicas)
         runtime.apply_epoch(alive.astype(np.int32), placement, [], fresh=[rank])
         self.install(Epoch(self.epoch.number + 1, alive.astype(np.int32), self.epoch.placement_version + 1))
-        return placement
+        self.placement, self.active = placement, alive.astype(np.int32)
+
+    def apply(self, active: np.ndarray, placement: Placement, runtime):
+        """A placement or active mask chosen by the user, over the same alive ranks: data only."""
+        self.check_live(placement, active)
+        runtime.set_placement(active, placement)
+        self.placement, self.active = placement, np.asarray(active, np.int32)
 
 
 def compact(placement: Placement, alive: np.ndarray) -> Placement:

@@ -121,7 +121,16 @@ class MooncakeRuntime:
             self.workers[r] = self._spawn(r) if spawn else WorkerProcess(r, None)
         waiting, deadline = set(ranks), time.monotonic() + self.start_timeout
         while waiting:
-            inc = self._recv(deadline, f"ranks {sorted(waiting)} to start")
+            gone = [r for r in sorted(waiting) if self.workers[r].exited()]
+            if gone:
+                raise RuntimeError(f"worker process of rank {gone[0]} exited with status "
+                                   f"{self.workers[gone[0]].proc.returncode} before it said hello")
+            try:
+                inc = self.server.recv(min(0.2, max(0.0, deadline - time.monotonic())))
+            except ControlTimeout:
+                if time.monotonic() >= deadline:
+                    raise TimeoutError(f"ranks {sorted(waiting)} did not start within {self.start_timeout} s")
+                continue
             if inc.msg["type"] == "hello" and inc.msg["rank"] in waiting:
                 r = int(inc.msg["rank"])
                 self.workers[r].pid = int(inc.msg["pid"])
@@ -149,7 +158,9 @@ class MooncakeRuntime:
             raise TimeoutError(f"timed out waiting for {what}") from None
 
     def _command(self, ranks, make, timeout: float, what: str) -> dict:
-        """Sends make(rank) to each rank and waits for every reply; errors name the rank."""
+        """Sends make(rank) to each rank and waits for every reply; errors name the rank. A rank that
+        dies meanwhile (process exited or stopped, heartbeats silent) is a RankFailure within the
+        heartbeat timeout, never a wait to the end of `timeout`."""
         ids = {}
         for r in ranks:
             msg = make(r)
@@ -157,7 +168,19 @@ class MooncakeRuntime:
             self.server.send(f"rank-{r}".encode(), msg)
         replies, deadline = {}, time.monotonic() + timeout
         while len(replies) < len(ranks):
-            inc = self._recv(deadline, f"{what} replies from ranks {sorted(set(ranks) - set(replies))}")
+            dead = [r for r in ranks if r not in replies and r in self.workers and self._dead_now(r)]
+            if dead:
+                failure = RankFailure(dead, "; ".join(f"rank {r}: {self._evidence(r)} during {what}" for r in dead))
+                injected = [self.injected_at.pop(r) for r in dead if r in self.injected_at]
+                failure.failed_at = min(injected) if injected else failure.detected_at
+                raise failure
+            try:
+                inc = self.server.recv(min(0.05, max(0.0, deadline - time.monotonic())))
+            except ControlTimeout:
+                if time.monotonic() >= deadline:
+                    raise TimeoutError(f"timed out waiting for {what} replies from ranks "
+                                       f"{sorted(set(ranks) - set(replies))}") from None
+                continue
             m = inc.msg
             if m["type"] != "reply" or m["id"] not in ids:
                 continue
@@ -225,7 +248,17 @@ class MooncakeRuntime:
         stopped = w.stopped()
         if stopped is not None:
             return stopped
-        return self._silent_s(rank) > self.hb_dead_after
+        try:
+            return self.monitor.health(rank).silent_for(time.monotonic()) > self.hb_dead_after
+        except KeyError:                            # starting: nothing but its process can tell
+            return False
+
+    def _evidence(self, rank: int) -> str:
+        """What the OS and the heartbeats say about `rank`."""
+        return ", ".join(filter(None, [
+            "process exited" if self.workers[rank].exited() else "",
+            "process stopped" if self.workers[rank].stopped() else "",
+            f"no heartbeat for {self._silent_s(rank):.1f} s" if self._silent_s(rank) > self.hb_dead_after else ""]))
 
     def _collect(self, ids: dict, b: int):
         """Waits until every rank has answered the step (tokens, or a report of a failed exchange) or
@@ -263,12 +296,8 @@ class MooncakeRuntime:
         # still missing at the limit: heartbeating but never answering (a wedged step): dead too
         unanswered = ranks - set(replies) - set(reports)
         dead = sorted((dead | (direct & ranks) | unanswered) & ranks)
-        evidence = {r: ", ".join(filter(None, [
-            "process exited" if self.workers[r].exited() else "",
-            "process stopped" if self.workers[r].stopped() else "",
-            f"no heartbeat for {self._silent_s(r):.1f} s" if self._silent_s(r) > self.hb_dead_after else "",
-            "a peer's transfer to it failed" if r in direct else "",
-            "no answer" if r in unanswered else ""])) for r in dead}
+        evidence = {r: ", ".join(filter(None, [self._evidence(r), "a peer's transfer to it failed" if r in direct
+                                                else "", "no answer" if r in unanswered else ""])) for r in dead}
         injected = [self.injected_at.pop(r) for r in dead if r in self.injected_at]
         failure = RankFailure(dead, "; ".join(f"rank {r}: {e}" for r, e in evidence.items())
                               or "a step timed out with every rank alive")

@@ -291,6 +291,18 @@ class Worker:
         self.client.close()
 
 
+def watch_parent(parent: int, interval: float = 0.2):
+    """Exits this process when `parent` exits (this process is re-parented). Not PR_SET_PDEATHSIG:
+    that fires when the *thread* that forked us exits, and servers build engines in short threads."""
+    import threading
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(interval)
+        os._exit(4)
+    threading.Thread(target=watch, daemon=True, name="jem-parent-watch").start()
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="jem worker", description="one rank of the multi-process runtime")
     ap.add_argument("--controller", required=True, help="the controller's endpoint, tcp://HOST:PORT")
@@ -298,11 +310,11 @@ def main(argv=None) -> int:
     ap.add_argument("--host", default="127.0.0.1", help="address Mooncake listens on")
     ap.add_argument("--idle-timeout", type=float, default=120.0,
                     help="exit after this many seconds without a word from the controller")
-    ap.add_argument("--die-with-parent", action="store_true")
+    ap.add_argument("--die-with-parent", action="store_true",
+                    help="exit when the process that started this one exits (checked every 0.2 s)")
     args = ap.parse_args(argv)
     if args.die_with_parent:
-        from .loopback import die_with_parent
-        die_with_parent()
+        watch_parent(os.getppid())
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     os.environ.setdefault("MC_LOG_LEVEL", "ERROR")
     import logging

@@ -1,0 +1,69 @@
+"""The engine's settings, checked before any weight is built, and what generate() returns."""
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import numpy as np
+
+from .config import DTYPES
+
+MODES = ("spmd", "mooncake")
+ADMISSION = ("continuous", "static")
+
+
+@dataclasses.dataclass
+class GenerationResult:
+    token_ids: list[int]            # generated tokens (the stop token included when one ended it)
+    prompt_token_ids: list[int]
+    finish_reason: str              # "stop" | "length"
+    text: str | None = None         # decoded generated tokens, when the model has a tokenizer
+
+
+def positive(name: str, v, minimum: int = 1) -> int:
+    """An int >= minimum (not a bool, not a float), or a ValueError naming the setting."""
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {v!r}")
+    return int(v)
+
+
+def check_engine(cfg, num_ranks, redundant_experts, dtype, mode, source, backup, admission):
+    """Engine settings that do not need the weights."""
+    positive("num_ranks", num_ranks)
+    positive("redundant_experts", redundant_experts, 0)
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if mode == "mooncake" and source is None:
+        raise ValueError("mode='mooncake' needs the model's source: use Engine.from_config / from_pretrained")
+    if backup not in ("host", None):
+        raise ValueError(f"backup must be 'host' or None, got {backup!r}")
+    if admission not in ADMISSION:
+        raise ValueError(f"admission must be one of {ADMISSION}, got {admission!r}")
+    num_slots = cfg.num_experts + redundant_experts
+    if num_slots % num_ranks:
+        raise ValueError(f"{cfg.num_experts} experts + redundant_experts={redundant_experts} = {num_slots} slots "
+                         f"do not divide evenly over num_ranks={num_ranks}")
+
+
+def check_token_array(token_ids, vocab_size: int) -> np.ndarray:
+    """score()'s input: a non-empty [batch, seq] array of ints inside the vocabulary."""
+    ids = np.asarray(token_ids)
+    if ids.ndim != 2 or ids.shape[0] == 0 or ids.shape[1] == 0:
+        raise ValueError(f"token_ids must be a non-empty [batch, seq] array, got shape {ids.shape}")
+    if not np.issubdtype(ids.dtype, np.integer):
+        raise ValueError(f"token_ids must be integers, got {ids.dtype}")
+    if ids.min() < 0 or ids.max() >= vocab_size:
+        bad = ids[(ids < 0) | (ids >= vocab_size)][0]
+        raise ValueError(f"token id {bad} is outside the vocabulary [0, {vocab_size})")
+    return ids
+
+
+def enable_compilation_cache(path: str):
+    """JAX's persistent compilation cache in `path`, for every program however fast it compiled."""
+    import jax
+    os.makedirs(path, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
