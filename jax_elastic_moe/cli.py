@@ -7,6 +7,8 @@ import json
 import sys
 import time
 
+from .bench.common import finite_float, nonnegative_int, positive_int
+
 
 def cmd_generate(args) -> int:
     from .bench.common import synthetic_prompts, use_cpu_devices
@@ -99,34 +101,34 @@ def main(argv: list[str] | None = None) -> int:
     src = g.add_mutually_exclusive_group()
     src.add_argument("--config", default="small", help="preset name or YAML path (random weights)")
     src.add_argument("--model", help="Hugging Face checkpoint directory")
-    g.add_argument("--ranks", type=int, default=4)
-    g.add_argument("--redundant", type=int, default=4)
+    g.add_argument("--ranks", type=positive_int, default=4)
+    g.add_argument("--redundant", type=nonnegative_int, default=4)
     g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     g.add_argument("--prompt", action="append", help="a prompt: text (with a tokenizer) or comma-separated ids")
-    g.add_argument("--num-prompts", type=int, default=8)
-    g.add_argument("--prompt-len", type=int, default=32)
-    g.add_argument("--max-new-tokens", type=int, default=32)
-    g.add_argument("--seqs-per-rank", type=int, default=8, help="KV-cache slots per rank (requests decoding at once)")
-    g.add_argument("--max-model-len", type=int, default=None,
+    g.add_argument("--num-prompts", type=positive_int, default=8)
+    g.add_argument("--prompt-len", type=positive_int, default=32)
+    g.add_argument("--max-new-tokens", type=positive_int, default=32)
+    g.add_argument("--seqs-per-rank", type=positive_int, default=8, help="KV-cache slots per rank (requests decoding at once)")
+    g.add_argument("--max-model-len", type=positive_int, default=None,
                    help="positions per KV-cache slot, prompt + output (default: min(model limit, 1024))")
-    g.add_argument("--temperature", type=float, default=0.0)
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--show", type=int, default=4, help="print the first N outputs")
+    g.add_argument("--temperature", type=finite_float, default=0.0)
+    g.add_argument("--top-p", type=finite_float, default=1.0)
+    g.add_argument("--seed", type=nonnegative_int, default=0)
+    g.add_argument("--show", type=positive_int, default=4, help="print the first N outputs")
     g.add_argument("--json", help="write outputs and timing to this file")
     g.add_argument("--quiet", action="store_true")
     d = sub.add_parser("demo", help="the elastic demo: generation on N ranks with one killed mid-run")
     d.add_argument("--config", default="small")
     d.add_argument("--mode", default="mooncake", choices=["mooncake", "spmd"])
-    d.add_argument("--ranks", type=int, default=4)
-    d.add_argument("--redundant", type=int, default=8)
-    d.add_argument("--kill", type=int, default=1, help="the rank to fail")
+    d.add_argument("--ranks", type=positive_int, default=4)
+    d.add_argument("--redundant", type=nonnegative_int, default=8)
+    d.add_argument("--kill", type=nonnegative_int, default=1, help="the rank to fail")
     d.add_argument("--how", default="kill", choices=["kill", "hang", "slow", "drop"])
-    d.add_argument("--at-step", type=int, default=8)
-    d.add_argument("--num-prompts", type=int, default=8)
-    d.add_argument("--prompt-len", type=int, default=24)
-    d.add_argument("--max-new-tokens", type=int, default=24)
-    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--at-step", type=nonnegative_int, default=8)
+    d.add_argument("--num-prompts", type=positive_int, default=8)
+    d.add_argument("--prompt-len", type=positive_int, default=24)
+    d.add_argument("--max-new-tokens", type=positive_int, default=24)
+    d.add_argument("--seed", type=nonnegative_int, default=0)
     d.add_argument("--quiet", action="store_true")
     w = sub.add_parser("worker", help="run one rank of a multi-process engine whose controller is elsewhere")
     w.add_argument("--controller", required=True, help="tcp://HOST:PORT of the engine's control server")
@@ -135,13 +137,12 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("plan", help="expert placement availability planner (see `jem plan --help`)")
     sub.add_parser("bench", help="benchmarks: throughput, overhead, recovery, kernels, placement (`jem bench --help`)")
     args = ap.parse_args(argv)
-    if args.cmd == "generate":
-        return cmd_generate(args)
-    if args.cmd == "demo":
-        return cmd_demo(args)
-    if args.cmd == "worker":
-        return cmd_worker(args)
-    return 0
+    commands = {"generate": cmd_generate, "demo": cmd_demo, "worker": cmd_worker}
+    try:
+        return commands[args.cmd](args)
+    except (ValueError, TypeError) as e:        # settings the engine refused: one line, as argparse does
+        print(f"jem {args.cmd}: error: {e}", file=sys.stderr)
+        return 2
 
 
 def cmd_worker(args) -> int:

@@ -17,7 +17,7 @@ from .runtime.controller import Controller, EngineDead
 from .scheduler import Scheduler
 from .serving import ServingLoop
 from .settings import (ADMISSION, GenerationResult, check_engine, check_token_array, enable_compilation_cache,
-                       positive)
+                       positive, serving_sizes)
 
 __all__ = ["Engine", "GenerationResult"]
 
@@ -41,15 +41,8 @@ class Engine:
                  spawn_workers: bool = True, controller_endpoint: str = "tcp://127.0.0.1:0",
                  ep_backend: str = "auto", metrics_port: int | None = None, fallback_depth: int = 2):
         check_engine(cfg, num_ranks, redundant_experts, dtype, mode, source, backup, admission)
-        self.seqs_per_rank = positive("seqs_per_rank", seqs_per_rank)
-        self.max_model_len = positive("max_model_len", min(cfg.max_position_embeddings, 1024)
-                                       if max_model_len is None else max_model_len, 2)
-        if self.max_model_len > cfg.max_position_embeddings:
-            raise ValueError(f"max_model_len={self.max_model_len} exceeds the model's max_position_embeddings="
-                             f"{cfg.max_position_embeddings}")
-        prefill_chunk = min(positive("prefill_chunk", prefill_chunk), self.max_model_len)
-        prefill_rows = positive("prefill_rows", max(1, self.seqs_per_rank // 2) if prefill_rows is None
-                                 else prefill_rows)
+        self.seqs_per_rank, self.max_model_len, prefill_chunk, prefill_rows = serving_sizes(
+            cfg, seqs_per_rank, max_model_len, prefill_chunk, prefill_rows)
         if compilation_cache_dir:
             enable_compilation_cache(compilation_cache_dir)
         self.cfg, self.dtype, self.tokenizer, self.mode = cfg, dtype, tokenizer, mode
@@ -111,7 +104,9 @@ class Engine:
         except ConfigError as e:
             raise ConfigError(f"{path}: {e}") from None
         check_engine(cfg, num_ranks, redundant_experts, dtype, kw.get("mode", "spmd"), {},
-                        kw.get("backup", "host"), kw.get("admission", "continuous"))
+                     kw.get("backup", "host"), kw.get("admission", "continuous"))
+        serving_sizes(cfg, **{k: kw[k] for k in ("seqs_per_rank", "max_model_len", "prefill_chunk", "prefill_rows")
+                              if k in kw})
         kw.setdefault("source", {"config": raw, "seed": seed})
         return cls(cfg, random_params(cfg, DTYPES[dtype], seed), num_ranks=num_ranks,
                    redundant_experts=redundant_experts, dtype=dtype, **kw)

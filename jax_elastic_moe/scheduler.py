@@ -5,8 +5,8 @@ on one rank). A step of the engine is up to two programs of fixed shapes:
 
   decode   one token for every running request (every slot of every live rank; idle slots padded)
   prefill  a chunk of up to `chunk` context tokens for up to `prefill_rows` requests per rank, the
-           chunk size bucketed (a few compiled shapes), so running requests keep decoding while a
-           long prompt is prefilled
+           chunk size and the row count bucketed (a few compiled shapes), so running requests keep
+           decoding while a long prompt is prefilled
 
 Requests are admitted into free slots as others finish ("continuous"), or only when every slot is
 free ("static": the old batch-at-a-time behaviour, a policy here, not a second code path). A failure
@@ -95,11 +95,16 @@ class Scheduler:
         self.requeued = 0
 
     # -- shapes ---------------------------------------------------------------------------------
+    @property
+    def row_buckets(self) -> tuple[int, ...]:
+        """Prefill rows per rank compiled: 1 (a request admitted alone) and prefill_rows."""
+        return tuple(sorted({1, self.prefill_rows}))
+
     def shapes(self) -> list[StepShape]:
         """Every step shape this scheduler can ask for (the warm-up compiles them all)."""
         s, l = self.seqs_per_rank, self.cache_len
-        return [StepShape("decode", s, 1, s, l)] + [StepShape("prefill", self.prefill_rows, c, s, l)
-                                                   for c in self.buckets]
+        return [StepShape("decode", s, 1, s, l)] + [StepShape("prefill", p, c, s, l)
+                                                   for p in self.row_buckets for c in self.buckets]
 
     # -- requests -------------------------------------------------------------------------------
     def add(self, requests: list[Request]):
@@ -197,7 +202,7 @@ class Scheduler:
             return None
         need = max(r.target - r.cached for r in chosen)
         chunk = next((c for c in self.buckets if c >= need), self.buckets[-1])
-        p = self.prefill_rows
+        p = next(b for b in self.row_buckets if b >= max(len(rs) for rs in per_rank.values()))
         rows = self._empty_rows(p, chunk, self.seqs_per_rank)
         taken = []
         for rank, rs in per_rank.items():

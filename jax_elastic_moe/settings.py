@@ -47,6 +47,20 @@ def check_engine(cfg, num_ranks, redundant_experts, dtype, mode, source, backup,
                          f"do not divide evenly over num_ranks={num_ranks}")
 
 
+def serving_sizes(cfg, seqs_per_rank=8, max_model_len=None, prefill_chunk=256, prefill_rows=None):
+    """(seqs_per_rank, max_model_len, prefill_chunk, prefill_rows) checked, defaults filled in:
+    max_model_len min(model limit, 1024), the chunk at most max_model_len, prefill_rows half the slots."""
+    seqs = positive("seqs_per_rank", seqs_per_rank)
+    length = positive("max_model_len", min(cfg.max_position_embeddings, 1024) if max_model_len is None
+                      else max_model_len, 2)
+    if length > cfg.max_position_embeddings:
+        raise ValueError(f"max_model_len={length} exceeds the model's max_position_embeddings="
+                         f"{cfg.max_position_embeddings}")
+    chunk = min(positive("prefill_chunk", prefill_chunk), length)
+    rows = positive("prefill_rows", max(1, seqs // 2) if prefill_rows is None else prefill_rows)
+    return seqs, length, chunk, rows
+
+
 def check_token_array(token_ids, vocab_size: int) -> np.ndarray:
     """score()'s input: a non-empty [batch, seq] array of ints inside the vocabulary."""
     ids = np.asarray(token_ids)

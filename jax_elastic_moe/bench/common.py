@@ -73,18 +73,47 @@ def _git_commit() -> str | None:
     return (head + ("+changes" if dirty else "")) or None
 
 
+def _int_at_least(text: str, low: int) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an int") from None
+    if v < low:
+        raise argparse.ArgumentTypeError(f"{v} is not >= {low}")
+    return v
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an int >= 1 (a bad value is a usage error: one line, exit status 2)."""
+    return _int_at_least(text, 1)
+
+
+def nonnegative_int(text: str) -> int:
+    return _int_at_least(text, 0)
+
+
+def finite_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if v != v or v in (float("inf"), float("-inf")):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return v
+
+
 def add_workload_args(ap: argparse.ArgumentParser, *, config="small", ranks=4, redundant=4, batch=16,
                       prompt_len=32, new_tokens=32):
     """The options of a synthetic batch workload and of the engine that serves it."""
     ap.add_argument("--config", default=config, help="model preset name or YAML path (random weights)")
     ap.add_argument("--mode", default="spmd", choices=MODES, help="runtime mode of the engine")
-    ap.add_argument("--ranks", type=int, default=ranks, help="expert-parallel ranks")
-    ap.add_argument("--redundant", type=int, default=redundant, help="redundant expert slots (in all)")
+    ap.add_argument("--ranks", type=positive_int, default=ranks, help="expert-parallel ranks")
+    ap.add_argument("--redundant", type=nonnegative_int, default=redundant, help="redundant expert slots (in all)")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    ap.add_argument("--batch", type=int, default=batch, help="prompts in the batch")
-    ap.add_argument("--prompt-len", type=int, default=prompt_len, help="tokens per prompt")
-    ap.add_argument("--new-tokens", type=int, default=new_tokens, help="output tokens per prompt (no stop token)")
-    ap.add_argument("--seed", type=int, default=0, help="seed of the weights and the prompts")
+    ap.add_argument("--batch", type=positive_int, default=batch, help="prompts in the batch")
+    ap.add_argument("--prompt-len", type=positive_int, default=prompt_len, help="tokens per prompt")
+    ap.add_argument("--new-tokens", type=positive_int, default=new_tokens, help="output tokens per prompt (no stop token)")
+    ap.add_argument("--seed", type=nonnegative_int, default=0, help="seed of the weights and the prompts")
 
 
 def add_output_args(ap: argparse.ArgumentParser):
@@ -195,7 +224,7 @@ def run_subcommand(benchmark: str, ap: argparse.ArgumentParser, argv, run, table
     started = run_start_record()
     try:
         result = run(args)
-    except SettingsError as e:
+    except (SettingsError, ValueError, TypeError) as e:     # settings the engine refused, too
         print(f"{ap.prog}: error: {e}", file=sys.stderr)
         return 2
     print(table(result, args))

@@ -125,7 +125,7 @@ def plot(result: dict, path: str):
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="jem bench overhead", description=__doc__.split("\n")[0])
     common.add_workload_args(ap)
-    ap.add_argument("--repeats", type=int, default=10, help="alternating (plain, elastic) pairs after a warm-up")
+    ap.add_argument("--repeats", type=common.positive_int, default=10, help="alternating (plain, elastic) pairs after a warm-up")
     ap.add_argument("--precompile-fallbacks", action="store_true",
                     help="spmd: elastic engine precompiles the fallback meshes (waited for before timing)")
     return common.run_subcommand("overhead", ap, argv, run, table, plot)

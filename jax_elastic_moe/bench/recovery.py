@@ -226,7 +226,7 @@ def main(argv=None) -> int:
     ap.add_argument("--fail", default="1,2", help="comma-separated counts of ranks to fail, one row each")
     ap.add_argument("--how", default="kill", choices=["kill", "hang", "slow", "drop"],
                     help="failure to inject (spmd: kill only)")
-    ap.add_argument("--at-step", type=int, default=None,
+    ap.add_argument("--at-step", type=common.positive_int, default=None,
                     help="engine step the failure hits (default: the middle of decoding)")
     ap.add_argument("--precompile-fallbacks", action=argparse.BooleanOptionalAction, default=True,
                     help="spmd: compile the one-failure meshes in the background before the failure")

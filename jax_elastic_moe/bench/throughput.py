@@ -137,8 +137,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="jem bench throughput", description=__doc__.split("\n")[0])
     common.add_workload_args(ap)
     ap.add_argument("--workload", default="fixed", choices=["fixed", "mixed"])
-    ap.add_argument("--num-requests", type=int, default=64, help="requests of the mixed workload")
+    ap.add_argument("--num-requests", type=common.positive_int, default=64, help="requests of the mixed workload")
     ap.add_argument("--admission", default="continuous", choices=["continuous", "static"],
                     help="admission policy (fixed workload; the mixed one runs both)")
-    ap.add_argument("--repeats", type=int, default=3, help="timed runs after the warm-up (per policy)")
+    ap.add_argument("--repeats", type=common.positive_int, default=3, help="timed runs after the warm-up (per policy)")
     return common.run_subcommand("throughput", ap, argv, run, table, plot)

@@ -113,14 +113,22 @@ class MLAttention(nnx.Module):
         k_rope = apply_rope(k_rope[:, :, None, :], cos, sin, cfg.rope_interleave)[:, :, 0, :]
         cache = {"latent": _write(cache["latent"], latent, positions),
                  "k_rope": _write(cache["k_rope"], k_rope, positions)}
-        length = cache["latent"].shape[1]
-        # kv_b absorbed into the query and the output: attention runs over the cached latents
-        # (O(L * kv_lora_rank) per query head), never expanding keys and values for all L positions
-        w = self.kv_b.w[...].reshape(cfg.kv_lora_rank, h, nope + vd)
-        q_latent = jnp.einsum("bshd,chd->bshc", q_nope, w[..., :nope])
-        scores = (jnp.einsum("bshc,btc->bhst", q_latent, cache["latent"])
-                  + jnp.einsum("bshd,btd->bhst", q_rope, cache["k_rope"])) * self.scale
-        probs = _softmax_scores(scores, _mask(positions, length, None)[:, None])
-        out_latent = jnp.einsum("bhst,btc->bshc", probs.astype(x.dtype), cache["latent"])
-        out = jnp.einsum("bshc,chd->bshd", out_latent, w[..., nope:]).reshape(b, s, h * vd)
-        return self.o(out), cache
+        length, c = cache["latent"].shape[1], cfg.kv_lora_rank
+        rope_scores = jnp.einsum("bshd,btd->bhst", q_rope, cache["k_rope"])
+        mask = _mask(positions, length, None)[:, None]
+        # Per query row: absorbing kv_b into the query and the output costs L * h * 2c; expanding keys
+        # and values for the L cached positions costs L * h * c * (nope + v) once plus L * h * (nope + v)
+        # per query. Decode (and short chunks) absorb; long prefill chunks expand (a static choice).
+        if s * 2 * c <= c * (nope + vd) + s * (nope + vd):
+            w = self.kv_b.w[...].reshape(c, h, nope + vd)
+            q_latent = jnp.einsum("bshd,chd->bshc", q_nope, w[..., :nope])
+            scores = jnp.einsum("bshc,btc->bhst", q_latent, cache["latent"]) + rope_scores
+            probs = _softmax_scores(scores * self.scale, mask)
+            out_latent = jnp.einsum("bhst,btc->bshc", probs.astype(x.dtype), cache["latent"])
+            out = jnp.einsum("bshc,chd->bshd", out_latent, w[..., nope:])
+        else:
+            kv_full = self.kv_b(cache["latent"]).reshape(b, length, h, nope + vd)
+            scores = jnp.einsum("bshd,bthd->bhst", q_nope, kv_full[..., :nope]) + rope_scores
+            probs = _softmax_scores(scores * self.scale, mask)
+            out = jnp.einsum("bhst,bthd->bshd", probs.astype(x.dtype), kv_full[..., nope:])
+        return self.o(out.reshape(b, s, h * vd)), cache

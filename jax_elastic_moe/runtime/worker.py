@@ -150,7 +150,7 @@ class Worker:
         if shape in self.compiled:
             return self.compiled[shape]
         jax, jnp = self.jax, self.jnp
-        import jax.experimental  # noqa: F401  (io_callback)
+        import jax.experimental  # noqa: F401,F811  (io_callback)
 
         from .spmd import abstract_model
         from .step import make_step, row_abstract
