@@ -103,8 +103,9 @@ class Scheduler:
     def shapes(self) -> list[StepShape]:
         """Every step shape this scheduler can ask for (the warm-up compiles them all)."""
         s, l = self.seqs_per_rank, self.cache_len
-        return [StepShape("decode", s, 1, s, l)] + [StepShape("prefill", p, c, s, l)
-                                                   for p in self.row_buckets for c in self.buckets]
+        first = [StepShape("prefill", p, c, s, l, c) for p in self.row_buckets for c in self.buckets]
+        later = [StepShape("prefill", p, self.buckets[-1], s, l) for p in self.row_buckets]
+        return [StepShape("decode", s, 1, s, l)] + first + (later if self.buckets[-1] < l else [])
 
     # -- requests -------------------------------------------------------------------------------
     def add(self, requests: list[Request]):
@@ -193,16 +194,23 @@ class Scheduler:
     def prefill_batch(self) -> Batch | None:
         """Admits what fits, then the next chunk of up to prefill_rows prefilling requests per rank."""
         self._admit()
+        waiting = sorted((r for r in self.slots.values() if r.cached < r.target), key=lambda r: r.id)
+        if not waiting:
+            return None
+        # first chunks and later chunks go in separate steps (a first chunk attends to itself only)
+        first = waiting[0].cached == 0
         per_rank: dict[int, list[Request]] = {}
-        for r in sorted(self.slots.values(), key=lambda r: r.id):
-            if r.cached < r.target and len(per_rank.setdefault(r.rank, [])) < self.prefill_rows:
+        for r in waiting:
+            if (r.cached == 0) == first and len(per_rank.setdefault(r.rank, [])) < self.prefill_rows:
                 per_rank[r.rank].append(r)
         chosen = [r for rs in per_rank.values() for r in rs]
-        if not chosen:
-            return None
-        need = max(r.target - r.cached for r in chosen)
-        chunk = next((c for c in self.buckets if c >= need), self.buckets[-1])
         p = next(b for b in self.row_buckets if b >= max(len(rs) for rs in per_rank.values()))
+        if first:                                   # first chunks: attend to the chunk's own positions
+            need = max(r.target for r in chosen)
+            chunk = next((c for c in self.buckets if c >= need), self.buckets[-1])
+            attend = chunk
+        else:
+            chunk, attend = self.buckets[-1], 0
         rows = self._empty_rows(p, chunk, self.seqs_per_rank)
         taken = []
         for rank, rs in per_rank.items():
@@ -216,7 +224,7 @@ class Scheduler:
                 rows["last"][i] = n - 1
                 self._sampling(rows, i, r)
                 taken.append((i, r, n))
-        return Batch(StepShape("prefill", p, chunk, self.seqs_per_rank, self.cache_len), rows, taken)
+        return Batch(StepShape("prefill", p, chunk, self.seqs_per_rank, self.cache_len, attend), rows, taken)
 
     def commit(self, batch: Batch, next_tokens: np.ndarray, now: float | None = None) -> int:
         """Applies a step's results (only after the step succeeded); returns the tokens made."""

@@ -3,7 +3,9 @@
 
 The cache of one layer is a dict of arrays with batch first and a fixed length L (positions 0..L-1).
 Prefill and decode are the same code: new keys are written at `positions`, then every query attends
-to the cache entries at positions <= its own (stale entries past a sequence's end are masked)."""
+to the cache entries at positions <= its own (stale entries past a sequence's end are masked).
+`attend` (static) limits the attention to the first `attend` positions: a first prefill chunk of C
+tokens (positions < C) attends to C keys, not to the whole cache."""
 from __future__ import annotations
 
 import jax
@@ -51,7 +53,7 @@ class GQAttention(nnx.Module):
         shape = (batch, length, cfg.num_kv_heads, cfg.head_dim)
         return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
 
-    def __call__(self, x, positions, cos, sin, cache):
+    def __call__(self, x, positions, cos, sin, cache, attend: int | None = None):
         cfg = self.cfg
         b, s, _ = x.shape
         h, kvh, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -62,11 +64,12 @@ class GQAttention(nnx.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         cache = {"k": _write(cache["k"], k, positions), "v": _write(cache["v"], v, positions)}
-        length = cache["k"].shape[1]
+        length = attend or cache["k"].shape[1]
+        keys, values = cache["k"][:, :length], cache["v"][:, :length]
         qg = q.reshape(b, s, kvh, h // kvh, d)
-        scores = jnp.einsum("bskgd,btkd->bkgst", qg, cache["k"]) * (d ** -0.5)
+        scores = jnp.einsum("bskgd,btkd->bkgst", qg, keys) * (d ** -0.5)
         probs = _softmax_scores(scores, _mask(positions, length, cfg.sliding_window)[:, None, None])
-        out = jnp.einsum("bkgst,btkd->bskgd", probs.astype(x.dtype), cache["v"]).reshape(b, s, h * d)
+        out = jnp.einsum("bkgst,btkd->bskgd", probs.astype(x.dtype), values).reshape(b, s, h * d)
         return self.o(out), cache
 
 
@@ -100,7 +103,7 @@ class MLAttention(nnx.Module):
         return {"latent": jnp.zeros((batch, length, cfg.kv_lora_rank), dtype),
                 "k_rope": jnp.zeros((batch, length, cfg.qk_rope_head_dim), dtype)}
 
-    def __call__(self, x, positions, cos, sin, cache):
+    def __call__(self, x, positions, cos, sin, cache, attend: int | None = None):
         cfg = self.cfg
         b, s, _ = x.shape
         h, nope, rope, vd = cfg.num_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
@@ -113,8 +116,9 @@ class MLAttention(nnx.Module):
         k_rope = apply_rope(k_rope[:, :, None, :], cos, sin, cfg.rope_interleave)[:, :, 0, :]
         cache = {"latent": _write(cache["latent"], latent, positions),
                  "k_rope": _write(cache["k_rope"], k_rope, positions)}
-        length, c = cache["latent"].shape[1], cfg.kv_lora_rank
-        rope_scores = jnp.einsum("bshd,btd->bhst", q_rope, cache["k_rope"])
+        length, c = attend or cache["latent"].shape[1], cfg.kv_lora_rank
+        latents = cache["latent"][:, :length]
+        rope_scores = jnp.einsum("bshd,btd->bhst", q_rope, cache["k_rope"][:, :length])
         mask = _mask(positions, length, None)[:, None]
         # Per query row: absorbing kv_b into the query and the output costs L * h * 2c; expanding keys
         # and values for the L cached positions costs L * h * c * (nope + v) once plus L * h * (nope + v)
@@ -122,12 +126,12 @@ class MLAttention(nnx.Module):
         if s * 2 * c <= c * (nope + vd) + s * (nope + vd):
             w = self.kv_b.w[...].reshape(c, h, nope + vd)
             q_latent = jnp.einsum("bshd,chd->bshc", q_nope, w[..., :nope])
-            scores = jnp.einsum("bshc,btc->bhst", q_latent, cache["latent"]) + rope_scores
+            scores = jnp.einsum("bshc,btc->bhst", q_latent, latents) + rope_scores
             probs = _softmax_scores(scores * self.scale, mask)
-            out_latent = jnp.einsum("bhst,btc->bshc", probs.astype(x.dtype), cache["latent"])
+            out_latent = jnp.einsum("bhst,btc->bshc", probs.astype(x.dtype), latents)
             out = jnp.einsum("bshc,chd->bshd", out_latent, w[..., nope:])
         else:
-            kv_full = self.kv_b(cache["latent"]).reshape(b, length, h, nope + vd)
+            kv_full = self.kv_b(latents).reshape(b, length, h, nope + vd)
             scores = jnp.einsum("bshd,bthd->bhst", q_nope, kv_full[..., :nope]) + rope_scores
             probs = _softmax_scores(scores * self.scale, mask)
             out = jnp.einsum("bhst,bthd->bshd", probs.astype(x.dtype), kv_full[..., nope:])

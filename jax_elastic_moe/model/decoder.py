@@ -41,8 +41,9 @@ class MoEModel(nnx.Module):
         attn = MLAttention if self.cfg.attention == "mla" else GQAttention
         return [attn.empty_cache(self.cfg, batch, length, self.dtype) for _ in range(self.cfg.num_layers)]
 
-    def __call__(self, tokens, positions, cache, ctx: EPContext):
-        """tokens, positions [B, S] int32; cache: list of per-layer dicts.
+    def __call__(self, tokens, positions, cache, ctx: EPContext, attend: int | None = None):
+        """tokens, positions [B, S] int32; cache: list of per-layer dicts; attend (static): attention
+        over the first `attend` cache positions only (default all).
         Returns (hidden [B, S, H] after the final norm, new cache, expert counts [Lm, E] int32)."""
         x = self.embed[...][tokens]
         inv_freq, rope_scale = rope_inv_freq(self.cfg)
@@ -51,7 +52,7 @@ class MoEModel(nnx.Module):
         moe_index = 0
         for layer, layer_cache in zip(self.layers, cache):
             with jax.named_scope("attention"):
-                a, layer_cache = layer.attn(layer.input_norm(x), positions, cos, sin, layer_cache)
+                a, layer_cache = layer.attn(layer.input_norm(x), positions, cos, sin, layer_cache, attend)
             new_cache.append(layer_cache)
             x = x + a
             h = layer.post_norm(x)

@@ -4,7 +4,8 @@ A step runs on one rank's rows and that rank's KV cache: `slots` cache rows of `
 (data-parallel attention: a request's cache lives on one rank). Two kinds, each a fixed shape:
 
   prefill  `rows` rows of a chunk of up to `chunk` prompt tokens; row i writes the cache row slot[i]
-           (gathered, run, scattered back: the other slots are untouched)
+           (gathered, run, scattered back: the other slots are untouched); a first chunk (every row
+           at position 0) attends to its own `chunk` positions only
   decode   one token for every cache row (rows == slots, slot i is row i)
 
 Padding rows and padding tokens have valid False and position cache_len, so their cache writes are
@@ -39,13 +40,14 @@ class StepShape:
     chunk: int          # tokens per row (decode: 1)
     slots: int          # KV-cache rows per rank
     cache_len: int      # positions per cache row
+    attend: int = 0     # cache positions attended to (0: all); a first prefill chunk: its own length
 
     def as_list(self) -> list:
-        return [self.kind, self.rows, self.chunk, self.slots, self.cache_len]
+        return [self.kind, self.rows, self.chunk, self.slots, self.cache_len, self.attend]
 
     @classmethod
     def from_list(cls, v) -> "StepShape":
-        return cls(str(v[0]), int(v[1]), int(v[2]), int(v[3]), int(v[4]))
+        return cls(str(v[0]), int(v[1]), int(v[2]), int(v[3]), int(v[4]), int(v[5]))
 
 
 def row_abstract(shape: StepShape, rows: int | None = None, sharding=None) -> list:
@@ -82,7 +84,7 @@ def make_step(graphdef, variables, key_of: Callable, shape: StepShape, *, num_ra
                         axis_name=axis_name, exchange=None if exchange_for is None else exchange_for(seq),
                         backend=backend)
         rows_cache = cache if decode else jax.tree.map(lambda c: jnp.take(c, slot, axis=0, mode="clip"), cache)
-        hidden, rows_cache, counts = model(tokens, positions, rows_cache, ctx)
+        hidden, rows_cache, counts = model(tokens, positions, rows_cache, ctx, shape.attend or None)
         if decode:
             cache = rows_cache
         else:
