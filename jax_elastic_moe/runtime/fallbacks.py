@@ -64,8 +64,31 @@ class Portable:
                                    no_kwargs=no_kwargs)
 
 
+def memory_mappings() -> tuple[int, int]:
+    """(memory mappings of this process, the most the kernel allows); (0, 0) where unknown. Every
+    loaded XLA:CPU executable maps its code sections; past vm.max_map_count LLVM aborts the process."""
+    try:
+        with open("/proc/self/maps") as f:
+            used = sum(1 for _ in f)
+        with open("/proc/sys/vm/max_map_count") as f:
+            return used, int(f.read())
+    except OSError:
+        return 0, 0
+
+
+def within_mapping_budget(share: float = 0.5) -> bool:
+    used, limit = memory_mappings()
+    return limit == 0 or used < share * limit
+
+
 class FallbackPrograms:
     """Programs loaded per survivor set (frozenset of global ranks) for the engine's step shapes.
+
+    Budget: survivor sets are prepared in order of likelihood (every single failure, then pairs in a
+    seeded random order, and so on), at most `budget` sets beyond the single failures, and never
+    while this process holds more than half the memory mappings the kernel allows. A failure whose
+    set was not prepared loads the programs then (or compiles them): the engine never aborts on its
+    own bookkeeping.
 
     compile_for(size, dead) -> {shape: compiled} compiles the steps for a mesh of `size` devices over
     the survivors of failing `dead` (None when the controller could not serve that failure);
@@ -110,11 +133,15 @@ class FallbackPrograms:
         def work():
             sizes = [m for m in range(1, depth + 1) if not cancel.is_set() and prepare_size(m)]
             budget = self.budget
+            rng = np.random.RandomState(0)
             for m in sizes:
-                for dead in itertools.combinations(alive, m):
+                sets = list(itertools.combinations(alive, m))
+                if m > 1:
+                    sets = [sets[i] for i in rng.permutation(len(sets))]
+                for dead in sets:
                     if cancel.is_set():
                         return
-                    if m > 1 and budget <= 0:
+                    if (m > 1 and budget <= 0) or not within_mapping_budget():
                         break
                     keep = frozenset(alive) - set(dead)
                     if keep not in self.loaded:
