@@ -47,9 +47,9 @@ def test_thread_built_engine_kill_during_compile_restart_from_thread_and_drop():
         assert all(alive(p) for p in pids), "workers died with the thread that started them"
 
         # the first generate compiles every step shape on every worker: kill rank 2 in the middle
-        def kill_when_compiling():
+        def kill_when_compiling(e=eng):
             time.sleep(1.0)
-            eng.fail_rank(2, how="kill")
+            e.fail_rank(2, how="kill")
         killer = threading.Thread(target=kill_when_compiling)
         killer.start()
         t = time.perf_counter()
@@ -62,7 +62,7 @@ def test_thread_built_engine_kill_during_compile_restart_from_thread_and_drop():
         assert time.perf_counter() - t < 120
 
         with time_limit(600, "restart from a thread"):
-            in_thread(lambda: eng.restart_rank(2))
+            in_thread(lambda e=eng: e.restart_rank(2))
         pids.append(eng._runtime.workers[2].pid)
         time.sleep(1.0)
         assert eng.stats()["alive_ranks"] == [0, 1, 2, 3] and alive(pids[-1])
