@@ -217,14 +217,24 @@ def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
 
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}   # engine dtype names
-CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+# presets: package data of an installed wheel (CMake installs configs/ there), else the checkout's configs/
+CONFIG_DIRS = (os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs"),
+               os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs"))
+
+
+def preset_dirs() -> list[str]:
+    """The folders holding the named presets, package data first."""
+    from importlib import resources
+    dirs = [str(resources.files("jax_elastic_moe") / "configs")] + list(CONFIG_DIRS)
+    return list(dict.fromkeys(d for d in dirs if os.path.isdir(d)))
 
 
 def resolve_preset(name: str) -> str:
-    """A preset path, or a bare name ("tiny") looked up in configs/."""
+    """A preset path, or a bare name ("tiny") looked up among the presets."""
     if os.path.exists(name):
         return name
-    for cand in (os.path.join(CONFIG_DIR, name), os.path.join(CONFIG_DIR, name + ".yaml")):
-        if os.path.exists(cand):
-            return cand
-    raise ConfigError(f"config preset not found: {name} (looked in . and {CONFIG_DIR})")
+    for folder in preset_dirs():
+        for cand in (os.path.join(folder, name), os.path.join(folder, name + ".yaml")):
+            if os.path.exists(cand):
+                return cand
+    raise ConfigError(f"config preset not found: {name} (looked in . and {', '.join(preset_dirs()) or CONFIG_DIRS[0]})")

@@ -71,8 +71,11 @@ def model_shape(config: dict, name: str = "model") -> ModelShape:
 
 
 def read_model_shape(path: str) -> ModelShape:
-    """Reads a YAML preset (configs/<preset>.yaml) into a ModelShape."""
+    """Reads a YAML preset (a path, or a preset name such as "deepseek_v3") into a ModelShape."""
     import yaml
+
+    from ..config import resolve_preset
+    path = resolve_preset(path)
     with open(path) as f:
         config = yaml.safe_load(f)
     if not isinstance(config, dict):
