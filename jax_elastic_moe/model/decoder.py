@@ -1,4 +1,4 @@
-"""The decoder: embeddings, a stack of (attention, dense MLP or MoE) layers, final norm, LM head."""
+"""The decoder of every family: embeddings, a stack of (attention, dense MLP or MoE) layers, final norm, LM head."""
 from __future__ import annotations
 
 import jax
@@ -15,7 +15,7 @@ class DecoderLayer(nnx.Module):
     def __init__(self, cfg: ModelConfig, layer: int, num_slots: int, dtype, rngs: nnx.Rngs):
         self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.post_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
-        self.attn = (MLAttention if cfg.attention == "mla" else GQAttention)(cfg, dtype, rngs)
+        self.attn = (MLAttention if cfg.attention == "mla" else GQAttention)(cfg, dtype, rngs, layer)
         self.is_moe = cfg.moe_layers[layer]
         self.mlp = (MoEBlock(cfg, num_slots, dtype, rngs) if self.is_moe
                     else MLP(cfg.hidden_size, cfg.intermediate_size, cfg, dtype, rngs))
