@@ -156,10 +156,10 @@ class MoEBlock(nnx.Module):
         self.w_gate = nnx.Param(normal(rngs, (num_slots, h, i), std, wdtype))
         self.w_up = nnx.Param(normal(rngs, (num_slots, h, i), std, wdtype))
         self.w_down = nnx.Param(normal(rngs, (num_slots, i, h), std, wdtype))
-        # FP8 experts: block scales in [in, out] layout; random weights get unit scales
+        # FP8 experts: block scales in [in, out] layout (random weights: scales around 1)
         bo, bi = cfg.quant_block
-        self.expert_scale = (ExpertArrays(*(jnp.ones((num_slots,) + quant.scale_shape(r, c, (bi, bo)), jnp.float32)
-                                            for r, c in ((h, i), (h, i), (i, h))))
+        self.expert_scale = (ExpertArrays(*(jnp.exp(normal(rngs, (num_slots,) + quant.scale_shape(r, c, (bi, bo)),
+                                                           0.2, jnp.float32)) for r, c in ((h, i), (h, i), (i, h))))
                              if cfg.expert_dtype else None)
         self.expert_bias = (ExpertArrays(*(normal(rngs, (num_slots, n), std, dtype) for n in (i, i, h)))
                             if cfg.expert_bias else None)
