@@ -114,6 +114,7 @@ class _TensorIndex:
             if not files:
                 raise CheckpointError(f"no *.safetensors files in {path}")
             weight_map = None
+        self.path = path
         self.handles, self.where, self.keys = {}, {}, {}
         for name in files:
             full = os.path.join(path, name)
@@ -143,7 +144,22 @@ class _TensorIndex:
         if name is None:
             return None
         k = key if key in self.keys[name] else key.removeprefix("model.")
+        dtype = self.handles[name].get_slice(k).get_dtype()
+        if dtype.startswith("F8"):       # safetensors' numpy/flax readers cannot make float8 arrays
+            return self._read_fp8(name, k, dtype)
         return np.asarray(self.handles[name].get_tensor(k))
+
+    def _read_fp8(self, name: str, key: str, dtype: str) -> np.ndarray:
+        if dtype != "F8_E4M3":
+            raise CheckpointError(f"tensor {key} has dtype {dtype}; FP8 checkpoints here are float8_e4m3fn (F8_E4M3)")
+        full = os.path.join(self.path, name)
+        with open(full, "rb") as f:
+            header_len = int.from_bytes(f.read(8), "little")
+            entry = json.loads(f.read(header_len))[key]
+            start, end = entry["data_offsets"]
+            f.seek(8 + header_len + start)
+            raw = np.frombuffer(f.read(end - start), np.uint8)
+        return raw.view(FP8).reshape(entry["shape"])
 
 
 def _weight(cfg: ModelConfig, idx: "_TensorIndex", name: str, keep_fp8: bool = False) -> np.ndarray:
@@ -181,8 +197,9 @@ def _convert(cfg: ModelConfig, path: tuple, idx: _TensorIndex, shape: tuple) -> 
     names = _hf_names(cfg, path)
     if isinstance(names, list):
         if path[-2] == "expert_scale":     # FP8 experts kept: their scales, transposed like the matrices
-            weights = [n.removesuffix("_scale_inv") for n in names]
-            return np.stack([_scales(cfg, idx, w, shape[1:][::-1]).T for w in weights])
+            h, i = cfg.hidden_size, cfg.moe_intermediate_size
+            torch_shape = (h, i) if leaf == "w_down" else (i, h)          # the weight's [out, in]
+            return np.stack([_scales(cfg, idx, n.removesuffix("_scale_inv"), torch_shape).T for n in names])
         fused = names[0].rsplit(".experts.", 1)[0] + ".experts."
         if not idx.has(names[0]) and idx.has(fused + "down_proj"):
             return _fused_experts(cfg, path, idx, fused)
