@@ -28,13 +28,18 @@ class Linear(nnx.Module):
 
 
 class RMSNorm(nnx.Module):
-    def __init__(self, dim: int, eps: float, dtype):
-        self.scale = nnx.Param(jnp.ones((dim,), dtype))
+    """RMSNorm; `float32_scale` (gpt-oss) keeps the scale in float32 and applies it before the cast back."""
+
+    def __init__(self, dim: int, eps: float, dtype, float32_scale: bool = False):
+        self.scale = nnx.Param(jnp.ones((dim,), jnp.float32 if float32_scale else dtype))
         self.eps = eps
+        self.float32_scale = float32_scale
 
     def __call__(self, x):
         xf = x.astype(jnp.float32)
         xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        if self.float32_scale:
+            return (self.scale[...] * xf).astype(x.dtype)
         return self.scale[...] * xf.astype(x.dtype)
 
 
