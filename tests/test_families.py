@@ -137,3 +137,24 @@ def test_mooncake_support_is_checked_per_family():
         check_mooncake_support(load_config_file(resolve_preset("tiny_gpt_oss")))
     with pytest.raises(ConfigError, match="FP8"):
         check_mooncake_support(load_config_file(resolve_preset("tiny_deepseek_v32")))
+
+
+@pytest.mark.parametrize("preset", ["tiny_glm4_moe", "tiny_deepseek_v32"])
+def test_mooncake_mode_serves_glm_and_v32_through_a_rank_kill(preset, tmp_path):
+    pytest.importorskip("mooncake.engine", reason="needs the elastic extras")
+    pytest.importorskip("zmq")
+    import yaml
+    from runtime_support import time_limit
+    with open(resolve_preset(preset)) as f:
+        raw = yaml.safe_load(f)
+    raw.pop("quantization_config", None)           # FP8 experts are spmd-only (check_mooncake_support)
+    path = tmp_path / "preset.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with jem.Engine.from_config(str(path), num_ranks=1, seed=0) as one:
+        want = [r.token_ids for r in one.generate(PROMPTS, max_new_tokens=10, stop_token_ids=[])]
+    with time_limit(600, "mooncake engine"):
+        with jem.Engine.from_config(str(path), num_ranks=3, redundant_experts=4, seed=0, mode="mooncake") as eng:
+            eng.fail_rank(1, how="kill", at_step=3)
+            out = eng.generate(PROMPTS, max_new_tokens=10, stop_token_ids=[])
+            assert [r.token_ids for r in out] == want
+            assert eng.stats()["recoveries"][0]["failed_ranks"] == [1]
