@@ -122,19 +122,27 @@ def clamped_swiglu(cfg: ModelConfig, gate, up):
     return (up + 1) * gate * jax.nn.sigmoid(gate * cfg.swiglu_alpha)
 
 
-def expert_ffn(cfg: ModelConfig, grouped, sizes, w_gate, w_up, w_down, biases, impl: str):
-    """The experts of the local slots on grouped rows [M, H] (group sizes [S]) -> [M, H]."""
-    if biases is None and cfg.expert_act == "swiglu":
+def expert_ffn(cfg: ModelConfig, grouped, sizes, w_gate, w_up, w_down, *, biases=None, scales=None,
+               impl: str = "auto"):
+    """The experts of the local slots on grouped rows [M, H] (group sizes [S]) -> [M, H]. biases: per-slot
+    (gate, up, down) biases; scales: per-slot FP8 block scales of the (FP8) matrices."""
+    if biases is None and scales is None and cfg.expert_act == "swiglu":
         return grouped_matmul.expert_mlp(grouped, sizes, w_gate, w_up, w_down, impl=impl)
-    gm = functools.partial(grouped_matmul.grouped_matmul, group_sizes=sizes, zero_tail=False, impl=impl)
-    g, u = gm(grouped, w_gate).astype(jnp.float32), gm(grouped, w_up).astype(jnp.float32)
+    bo, bi = cfg.quant_block
+
+    def gm(x, j, w):
+        if scales is None:
+            return grouped_matmul.grouped_matmul(x, w, sizes, zero_tail=False, impl=impl)
+        return grouped_matmul.grouped_matmul_fp8(x, w, scales[j], sizes, (bi, bo), zero_tail=False, impl=impl)
+
+    g, u = gm(grouped, 0, w_gate).astype(jnp.float32), gm(grouped, 1, w_up).astype(jnp.float32)
     if biases is not None:
         row = _row_groups(sizes, grouped.shape[0])
         b_gate, b_up, b_down = (jnp.take(b, row, axis=0, mode="fill", fill_value=0).astype(jnp.float32)
                                 for b in biases)
         g, u = g + b_gate, u + b_up
     h = clamped_swiglu(cfg, g, u) if cfg.expert_act == "clamped_swiglu" else jax.nn.silu(g) * u
-    out = gm(h.astype(grouped.dtype), w_down)
+    out = gm(h.astype(grouped.dtype), 2, w_down)
     if biases is not None:
         out = (out.astype(jnp.float32) + b_down).astype(grouped.dtype)
     return out
@@ -167,13 +175,10 @@ class MoEBlock(nnx.Module):
         self.shared_gate = Linear(h, 1, bias=False, cfg=cfg, dtype=dtype, rngs=rngs) if cfg.shared_expert_gate else None
 
     def _experts(self, grouped, sizes, impl):
-        mats = [self.w_gate[...], self.w_up[...], self.w_down[...]]
-        if self.expert_scale is not None:     # FP8 slots, dequantized here, inside the step
-            bo, bi = self.cfg.quant_block
-            mats = [quant.dequantize_experts(m, sc, (bi, bo), grouped.dtype)     # [in, out] layout
-                    for m, sc in zip(mats, self.expert_scale.get())]
-        biases = None if self.expert_bias is None else self.expert_bias.get()
-        return expert_ffn(self.cfg, grouped, sizes, *mats, biases, impl)
+        # FP8 slots ([in, out] layout, scales likewise) are dequantized tile by tile in the matmul
+        return expert_ffn(self.cfg, grouped, sizes, self.w_gate[...], self.w_up[...], self.w_down[...],
+                          biases=None if self.expert_bias is None else self.expert_bias.get(),
+                          scales=None if self.expert_scale is None else self.expert_scale.get(), impl=impl)
 
     def __call__(self, x, ctx: EPContext, moe_layer: int):
         """x [B, S, H] -> ([B, S, H], expert token counts [E] int32 over valid tokens, all ranks)."""
