@@ -158,3 +158,15 @@ def test_mooncake_mode_serves_glm_and_v32_through_a_rank_kill(preset, tmp_path):
             out = eng.generate(PROMPTS, max_new_tokens=10, stop_token_ids=[])
             assert [r.token_ids for r in out] == want
             assert eng.stats()["recoveries"][0]["failed_ranks"] == [1]
+
+
+def test_full_size_presets_read_for_planning():
+    from jax_elastic_moe.placement import planner
+    v32, glm, oss = (load_config_file(resolve_preset(p)) for p in ("deepseek_v32", "glm4_5", "gpt_oss_120b"))
+    assert (v32.index_topk, v32.expert_dtype, v32.quant_block, v32.num_moe_layers) == (2048, "float8_e4m3fn",
+                                                                                       (128, 128), 58)
+    assert (glm.rope_dim, glm.num_experts, glm.num_moe_layers, glm.qk_norm) == (64, 160, 89, True)
+    assert (oss.num_experts, oss.sliding_layers.count(True), oss.window(0), oss.window(1)) == (128, 18, 128, None)
+    assert dict(oss.rope_scaling)["factor"] == 32.0
+    for preset, moe_layers in (("deepseek_v32", 58), ("glm4_5", 89), ("gpt_oss_120b", 36)):
+        assert planner.read_model_shape(resolve_preset(preset)).num_moe_layers == moe_layers

@@ -27,6 +27,18 @@ def test_logits_match_transformers(hf_checkpoints, family):
             assert np.abs(got - want).max() <= 1e-4, (family, batch, seq, np.abs(got - want).max())
 
 
+@pytest.mark.parametrize("family", ["deepseek_v32", "glm4_moe", "gpt_oss"])
+def test_four_ranks_with_redundant_experts_equal_one_rank(hf_checkpoints, family):
+    path = hf_checkpoints[family]
+    ids = np.random.RandomState(4).randint(0, 96, (4, 23))     # past the window and index_topk
+    num_experts = jem.config.load_config_file(f"{path}/config.json").num_experts
+    redundant = (-num_experts) % 4 or 4          # slots divide over 4 ranks, with spare replicas
+    with jem.Engine.from_pretrained(path, num_ranks=1) as one, \
+            jem.Engine.from_pretrained(path, num_ranks=4, redundant_experts=redundant) as four:
+        want, got = one.score(ids), four.score(ids)
+    assert np.abs(got - want).max() / np.abs(want).max() <= 1e-5
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_greedy_generation_matches_transformers(hf_checkpoints, family):
     path = hf_checkpoints[family]
