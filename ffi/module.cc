@@ -40,6 +40,7 @@ PYBIND11_MODULE(JEM_MODULE_NAME, m) {
     d["JemCombine"] = Capsule(JEM_HANDLER(JemCombine));
 #ifndef JEM_PLATFORM_CUDA
     d["JemGroupedMatmul"] = Capsule(JemGroupedMatmulCpu);  // CUDA: the Mosaic GPU ragged_dot
+    d["JemGroupedMatmulFp8"] = Capsule(JemGroupedMatmulFp8Cpu);
 #endif
     return d;
   });

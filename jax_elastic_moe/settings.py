@@ -6,7 +6,7 @@ import os
 
 import numpy as np
 
-from .config import DTYPES
+from .config import DTYPES, check_mooncake_support
 
 MODES = ("spmd", "mooncake")
 ADMISSION = ("continuous", "static")
@@ -37,6 +37,8 @@ def check_engine(cfg, num_ranks, redundant_experts, dtype, mode, source, backup,
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if mode == "mooncake" and source is None:
         raise ValueError("mode='mooncake' needs the model's source: use Engine.from_config / from_pretrained")
+    if mode == "mooncake":
+        check_mooncake_support(cfg)
     if backup not in ("host", None):
         raise ValueError(f"backup must be 'host' or None, got {backup!r}")
     if admission not in ADMISSION:

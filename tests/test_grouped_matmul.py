@@ -85,6 +85,49 @@ def test_expert_mlp_on_the_cpu_kernel_matches_reference():
         gm.grouped_matmul(x, w_gate.astype(jnp.bfloat16), sizes, impl="ffi")
 
 
+def fp8_weights(rng, groups, k, n, block):
+    """Random FP8 weights [G, K, N] and float32 block scales [G, ceil(K/bk), ceil(N/bn)], and their
+    float64 dequantization computed here (decoded FP8 values times the block's scale)."""
+    import ml_dtypes
+    w = (rng.standard_normal((groups, k, n)) * 40).astype(ml_dtypes.float8_e4m3fn)
+    scale = np.exp(rng.standard_normal((groups, -(-k // block[0]), -(-n // block[1])))).astype(np.float32)
+    full = np.repeat(np.repeat(scale.astype(np.float64), block[0], axis=1), block[1], axis=2)[:, :k, :n]
+    return w, scale, w.astype(np.float64) * full
+
+
+@pytest.mark.parametrize("impl", ["ffi", "ragged_dot"])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_fp8_grouped_matmul_matches_a_float64_reference(impl, dtype):
+    if impl == "ffi" and not ffi.has_target("jem_grouped_matmul_fp8", "cpu"):
+        pytest.skip(ffi.missing_reason("cpu") or "jem_grouped_matmul_fp8 not built")
+    rng = np.random.default_rng(7)
+    block = (16, 8)                                    # K = 40 and N = 21: partial blocks and panels
+    w, scale, w64 = fp8_weights(rng, 4, 40, 21, block)
+    sizes = np.array([5, 0, 9, 3], np.int32)           # an empty group, 3 padding rows at the end
+    x = jnp.asarray(rng.standard_normal((20, 40)), dtype)
+    got = gm.grouped_matmul_fp8(x, jnp.asarray(w), jnp.asarray(scale), jnp.asarray(sizes), block, impl=impl)
+    assert got.dtype == dtype
+    want = dense_reference(np.asarray(x, np.float64), w64, sizes)
+    tol = 1e-4 * np.abs(want).max() if dtype == jnp.float32 else 2e-2 * np.abs(want).max()
+    np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=0, atol=tol)
+    assert not np.asarray(got[int(sizes.sum()):], np.float32).any()
+    if impl == "ffi":
+        with pytest.raises(Exception, match="scale has shape"):
+            gm.grouped_matmul_fp8(x, jnp.asarray(w), jnp.asarray(scale[:, :1]), jnp.asarray(sizes), block, impl="ffi")
+
+
+def test_fp8_e4m3_decoding_covers_every_byte():
+    """The kernel's FP8 table against ml_dtypes on all 256 codes (as one-element weights, scale 1)."""
+    import ml_dtypes
+    if not ffi.has_target("jem_grouped_matmul_fp8", "cpu"):
+        pytest.skip("jem_grouped_matmul_fp8 not built")
+    codes = np.arange(256, dtype=np.uint8).view(ml_dtypes.float8_e4m3fn).reshape(256, 1, 1)
+    x = jnp.ones((256, 1), jnp.float32)
+    got = gm.grouped_matmul_fp8(x, jnp.asarray(codes), jnp.ones((256, 1, 1), jnp.float32),
+                                jnp.ones(256, jnp.int32), (1, 1), impl="ffi")
+    np.testing.assert_array_equal(np.asarray(got)[:, 0], codes.astype(np.float32).reshape(-1))
+
+
 def test_fused_gate_up_equals_separate():
     x, sizes, w_gate, w_up, w_down = make_experts(1, 20, 8, 4, 2)
     fused = gm.expert_mlp(x, sizes, jnp.concatenate([w_gate, w_up], axis=-1), None, w_down)

@@ -34,8 +34,9 @@ TARGETS = {
     "jem_ungroup": "JemUngroup",
     "jem_combine": "JemCombine",
     "jem_grouped_matmul": "JemGroupedMatmul",     # CPU only (CUDA uses the Mosaic GPU ragged_dot)
+    "jem_grouped_matmul_fp8": "JemGroupedMatmulFp8",   # CPU only: FP8 block-scaled weights
 }
-OPTIONAL = {"jem_grouped_matmul"}
+OPTIONAL = {"jem_grouped_matmul", "jem_grouped_matmul_fp8"}
 _SUFFIX = {"cpu": "Cpu", "CUDA": "Cuda"}
 _MODULES = {"cpu": "jax_elastic_moe._ffi_cpu", "CUDA": "jax_elastic_moe._ffi_cuda"}
 FLOAT_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
@@ -225,3 +226,15 @@ def grouped_matmul(x, w, group_sizes):
     if w.dtype != x.dtype:
         raise TypeError(f"grouped_matmul (ffi): w has dtype {w.dtype}, x has {x.dtype}; they must match")
     return _call("jem_grouped_matmul", _sds((x.shape[0], w.shape[2]), x.dtype), x, w, group_sizes.astype(jnp.int32))
+
+
+def grouped_matmul_fp8(x, w, scale, group_sizes, block: tuple[int, int]):
+    """x [M, K] float, w [G, K, N] float8_e4m3fn, scale [G, ceil(K/bk), ceil(N/bn)] float32, block (bk, bn),
+    group_sizes [G] int -> [M, N] in x's dtype: each weight tile dequantized by its block's scale inside
+    the kernel (CPU; csrc/grouped_matmul.h)."""
+    _float("grouped_matmul_fp8", "x", x)
+    if w.dtype != jnp.float8_e4m3fn or scale.dtype != jnp.float32:
+        raise TypeError(f"grouped_matmul_fp8 (ffi): w must be float8_e4m3fn and scale float32, got {w.dtype}, "
+                        f"{scale.dtype}")
+    return _call("jem_grouped_matmul_fp8", _sds((x.shape[0], w.shape[2]), x.dtype), x, w, scale,
+                 group_sizes.astype(jnp.int32), block_k=np.int64(block[0]), block_n=np.int64(block[1]))

@@ -3,6 +3,7 @@ expert's weight matrix.
 
     grouped_matmul(x [M, H], w [G, H, N], group_sizes [G]) -> [M, N]
     expert_mlp(grouped [M, H], group_sizes [G], w_gate, w_up, w_down) -> [M, H]   (SwiGLU)
+    grouped_matmul_fp8(x [M, K], w [G, K, N] float8_e4m3fn, scale [G, K/bk, N/bn], group_sizes, block)
 
 On Hopper GPUs (compute capability 9.x) with bfloat16/float16 operands this uses JAX's own Pallas
 Mosaic GPU kernel, jax.experimental.pallas.ops.gpu.ragged_dot_mgpu.ragged_dot: on an H200 at
@@ -169,3 +170,22 @@ def expert_mlp(grouped, group_sizes, w_gate, w_up, w_down, *, zero_tail=True, im
         u = grouped_matmul(grouped, w_up, group_sizes, zero_tail=False, impl=impl)
     h = (jax.nn.silu(g.astype(jnp.float32)) * u.astype(jnp.float32)).astype(grouped.dtype)
     return grouped_matmul(h, w_down, group_sizes, zero_tail=zero_tail, impl=impl)
+
+
+def grouped_matmul_fp8(x, w, scale, group_sizes, block: tuple[int, int], *, zero_tail=True, impl="auto"):
+    """As grouped_matmul with FP8 block-scaled weights: w [G, K, N] float8_e4m3fn, scale [G, ceil(K/bk),
+    ceil(N/bn)] float32, block (bk, bn). On the CPU where built (impl "auto" or "ffi"), the native
+    kernel dequantizes each weight tile as it packs it (jem_grouped_matmul_fp8); elsewhere the
+    weights are dequantized to x's dtype in the step, then multiplied as grouped_matmul does."""
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    native = (jax.default_backend() == "cpu" and ffi.has_target("jem_grouped_matmul_fp8", "cpu")
+              and jnp.dtype(x.dtype) in ffi.FLOAT_DTYPES)
+    if impl == "ffi" and not native:
+        raise RuntimeError("impl='ffi' needs the CPU backend and the built jem_grouped_matmul_fp8 kernel; "
+                           + (ffi.missing_reason("cpu") or "this build lacks it"))
+    if native and impl in ("auto", "ffi"):
+        return ffi.grouped_matmul_fp8(x, w, scale, group_sizes, block)
+    from ..model.quant import dequantize_experts
+    return grouped_matmul(x, dequantize_experts(w, scale, block, x.dtype), group_sizes, zero_tail=zero_tail,
+                          impl=impl)

@@ -1,11 +1,14 @@
-"""Attention with a KV cache written at each token's position: GQA (Mixtral, Qwen) and MLA
-(DeepSeek-V3, caching the compressed latent).
+"""Attention with a KV cache written at each token's position: GQA (Mixtral, Qwen, GLM-4.5, gpt-oss)
+and MLA (DeepSeek-V3, caching the compressed latent; V3.2 adds its indexer's keys and attends only to
+the tokens the indexer picks).
 
 The cache of one layer is a dict of arrays with batch first and a fixed length L (positions 0..L-1).
 Prefill and decode are the same code: new keys are written at `positions`, then every query attends
-to the cache entries at positions <= its own (stale entries past a sequence's end are masked).
-`attend` (static) limits the attention to the first `attend` positions: a first prefill chunk of C
-tokens (positions < C) attends to C keys, not to the whole cache."""
+to the cache entries at positions <= its own (stale entries past a sequence's end are masked). A
+sliding-window layer (gpt-oss) keeps a full-length cache and masks keys outside its window, so every
+layer's cache has the same [B, L, ...] shape. `attend` (static) limits the attention to the first
+`attend` positions: a first prefill chunk of C tokens (positions < C) attends to C keys, not to the
+whole cache."""
 from __future__ import annotations
 
 import jax
@@ -13,13 +16,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ..config import ModelConfig, yarn_mscale
-from .layers import Linear, RMSNorm, apply_rope
-
-
-def _write(cache, new, positions):
-    """cache [B, L, ...], new [B, S, ...], positions [B, S] -> cache with new rows at positions."""
-    b = jnp.arange(cache.shape[0])[:, None]
-    return cache.at[b, positions].set(new.astype(cache.dtype), mode="drop")
+from .indexer import Indexer
+from .layers import Linear, RMSNorm, apply_rope, normal, write_cache
 
 
 def _mask(positions, cache_len: int, window: int | None):
@@ -32,13 +30,21 @@ def _mask(positions, cache_len: int, window: int | None):
     return m
 
 
-def _softmax_scores(scores, mask):
+def _softmax_scores(scores, mask, sinks=None):
+    """Softmax over the last axis of the unmasked scores. `sinks` (broadcast to scores[..., :1]): a
+    learned logit per head that joins every softmax and is then dropped (gpt-oss), so a query may
+    give less than all of its attention to the keys."""
     scores = jnp.where(mask, scores.astype(jnp.float32), -jnp.inf)
-    return jax.nn.softmax(scores, axis=-1)
+    if sinks is None:
+        return jax.nn.softmax(scores, axis=-1)
+    sinks = jnp.broadcast_to(sinks.astype(jnp.float32), scores.shape[:-1] + (1,))
+    top = jnp.maximum(jnp.max(scores, axis=-1, keepdims=True), sinks)
+    e = jnp.exp(scores - top)
+    return e / (jnp.sum(e, axis=-1, keepdims=True) + jnp.exp(sinks - top))
 
 
 class GQAttention(nnx.Module):
-    def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs, layer: int = 0):
         h, kvh, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.cfg = cfg
         self.q = Linear(cfg.hidden_size, h * d, bias=cfg.qkv_bias, cfg=cfg, dtype=dtype, rngs=rngs)
@@ -47,6 +53,8 @@ class GQAttention(nnx.Module):
         self.o = Linear(h * d, cfg.hidden_size, bias=cfg.o_bias, cfg=cfg, dtype=dtype, rngs=rngs)
         self.q_norm = RMSNorm(d, cfg.rms_norm_eps, dtype) if cfg.qk_norm else None
         self.k_norm = RMSNorm(d, cfg.rms_norm_eps, dtype) if cfg.qk_norm else None
+        self.sinks = nnx.Param(normal(rngs, (h,), cfg.initializer_range, dtype)) if cfg.attn_sinks else None
+        self.window = cfg.window(layer)
 
     @staticmethod
     def empty_cache(cfg: ModelConfig, batch: int, length: int, dtype):
@@ -63,12 +71,13 @@ class GQAttention(nnx.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        cache = {"k": _write(cache["k"], k, positions), "v": _write(cache["v"], v, positions)}
+        cache = {"k": write_cache(cache["k"], k, positions), "v": write_cache(cache["v"], v, positions)}
         length = attend or cache["k"].shape[1]
         keys, values = cache["k"][:, :length], cache["v"][:, :length]
         qg = q.reshape(b, s, kvh, h // kvh, d)
         scores = jnp.einsum("bskgd,btkd->bkgst", qg, keys) * (d ** -0.5)
-        probs = _softmax_scores(scores, _mask(positions, length, cfg.sliding_window)[:, None, None])
+        sinks = None if self.sinks is None else self.sinks[...].reshape(1, kvh, h // kvh, 1, 1)
+        probs = _softmax_scores(scores, _mask(positions, length, self.window)[:, None, None], sinks)
         out = jnp.einsum("bkgst,btkd->bskgd", probs.astype(x.dtype), values).reshape(b, s, h * d)
         return self.o(out), cache
 
@@ -76,7 +85,7 @@ class GQAttention(nnx.Module):
 class MLAttention(nnx.Module):
     """Multi-head latent attention; the cache holds the normalised latent and the roped shared key."""
 
-    def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs, layer: int = 0):
         self.cfg = cfg
         h, hd = cfg.num_heads, cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
         if cfg.q_lora_rank:
@@ -97,42 +106,53 @@ class MLAttention(nnx.Module):
         if rs and rs.get("mscale_all_dim"):
             scale *= yarn_mscale(float(rs["factor"]), rs["mscale_all_dim"]) ** 2
         self.scale = scale
+        self.indexer = Indexer(cfg, dtype, rngs) if cfg.index_topk else None
 
     @staticmethod
     def empty_cache(cfg: ModelConfig, batch: int, length: int, dtype):
-        return {"latent": jnp.zeros((batch, length, cfg.kv_lora_rank), dtype),
-                "k_rope": jnp.zeros((batch, length, cfg.qk_rope_head_dim), dtype)}
+        cache = {"latent": jnp.zeros((batch, length, cfg.kv_lora_rank), dtype),
+                 "k_rope": jnp.zeros((batch, length, cfg.qk_rope_head_dim), dtype)}
+        if cfg.index_topk:
+            cache["index_k"] = Indexer.empty_cache(cfg, batch, length, dtype)
+        return cache
 
     def __call__(self, x, positions, cos, sin, cache, attend: int | None = None):
         cfg = self.cfg
         b, s, _ = x.shape
         h, nope, rope, vd = cfg.num_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
-        q = self.q(x) if self.q is not None else self.q_b(self.q_a_norm(self.q_a(x)))
+        q_lora = None if self.q is not None else self.q_a_norm(self.q_a(x))
+        q = self.q(x) if self.q is not None else self.q_b(q_lora)
         q = q.reshape(b, s, h, nope + rope)
         q_nope, q_rope = q[..., :nope], q[..., nope:]
         kv = self.kv_a(x)
         latent, k_rope = self.kv_a_norm(kv[..., :cfg.kv_lora_rank]), kv[..., cfg.kv_lora_rank:]
         q_rope = apply_rope(q_rope, cos, sin, cfg.rope_interleave)
         k_rope = apply_rope(k_rope[:, :, None, :], cos, sin, cfg.rope_interleave)[:, :, 0, :]
-        cache = {"latent": _write(cache["latent"], latent, positions),
-                 "k_rope": _write(cache["k_rope"], k_rope, positions)}
-        length, c = attend or cache["latent"].shape[1], cfg.kv_lora_rank
+        new_cache = {"latent": write_cache(cache["latent"], latent, positions),
+                     "k_rope": write_cache(cache["k_rope"], k_rope, positions)}
+        # the indexer picks among every cached position: no `attend` limit with it
+        length = attend if attend and self.indexer is None else cache["latent"].shape[1]
+        mask = _mask(positions, length, None)
+        if self.indexer is not None:     # V3.2: attend only to the keys the indexer picks
+            picked, new_cache["index_k"] = self.indexer(x, q_lora, positions, cos, sin, cache["index_k"], mask)
+            mask = mask & picked
+        cache = new_cache
+        c = cfg.kv_lora_rank
         latents = cache["latent"][:, :length]
         rope_scores = jnp.einsum("bshd,btd->bhst", q_rope, cache["k_rope"][:, :length])
-        mask = _mask(positions, length, None)[:, None]
         # Per query row: absorbing kv_b into the query and the output costs L * h * 2c; expanding keys
         # and values for the L cached positions costs L * h * c * (nope + v) once plus L * h * (nope + v)
         # per query. Decode (and short chunks) absorb; long prefill chunks expand (a static choice).
         if s * 2 * c <= c * (nope + vd) + s * (nope + vd):
             w = self.kv_b.w[...].reshape(c, h, nope + vd)
-            q_latent = jnp.einsum("bshd,chd->bshc", q_nope, w[..., :nope])
-            scores = jnp.einsum("bshc,btc->bhst", q_latent, latents) + rope_scores
-            probs = _softmax_scores(scores * self.scale, mask)
+            q_absorbed = jnp.einsum("bshd,chd->bshc", q_nope, w[..., :nope])
+            scores = jnp.einsum("bshc,btc->bhst", q_absorbed, latents) + rope_scores
+            probs = _softmax_scores(scores * self.scale, mask[:, None])
             out_latent = jnp.einsum("bhst,btc->bshc", probs.astype(x.dtype), latents)
             out = jnp.einsum("bshc,chd->bshd", out_latent, w[..., nope:])
         else:
             kv_full = self.kv_b(latents).reshape(b, length, h, nope + vd)
             scores = jnp.einsum("bshd,bthd->bhst", q_nope, kv_full[..., :nope]) + rope_scores
-            probs = _softmax_scores(scores * self.scale, mask)
+            probs = _softmax_scores(scores * self.scale, mask[:, None])
             out = jnp.einsum("bhst,bthd->bshd", probs.astype(x.dtype), kv_full[..., nope:])
         return self.o(out.reshape(b, s, h * vd)), cache

@@ -1,4 +1,4 @@
-"""The decoder: embeddings, a stack of (attention, dense MLP or MoE) layers, final norm, LM head."""
+"""The decoder of every family: embeddings, a stack of (attention, dense MLP or MoE) layers, final norm, LM head."""
 from __future__ import annotations
 
 import jax
@@ -13,9 +13,10 @@ from .moe import EPContext, MoEBlock
 
 class DecoderLayer(nnx.Module):
     def __init__(self, cfg: ModelConfig, layer: int, num_slots: int, dtype, rngs: nnx.Rngs):
-        self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
-        self.post_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
-        self.attn = (MLAttention if cfg.attention == "mla" else GQAttention)(cfg, dtype, rngs)
+        f32 = cfg.model_type == "gpt_oss"      # transformers keeps gpt-oss's norms in float32
+        self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, f32)
+        self.post_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, f32)
+        self.attn = (MLAttention if cfg.attention == "mla" else GQAttention)(cfg, dtype, rngs, layer)
         self.is_moe = cfg.moe_layers[layer]
         self.mlp = (MoEBlock(cfg, num_slots, dtype, rngs) if self.is_moe
                     else MLP(cfg.hidden_size, cfg.intermediate_size, cfg, dtype, rngs))
@@ -33,7 +34,7 @@ class MoEModel(nnx.Module):
         self.dtype = dtype
         self.embed = nnx.Param(normal(rngs, (cfg.vocab_size, cfg.hidden_size), cfg.initializer_range, dtype))
         self.layers = nnx.List([DecoderLayer(cfg, i, num_slots, dtype, rngs) for i in range(cfg.num_layers)])
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, cfg.model_type == "gpt_oss")
         self.lm_head = (None if cfg.tie_word_embeddings
                         else Linear(cfg.hidden_size, cfg.vocab_size, bias=False, cfg=cfg, dtype=dtype, rngs=rngs))
 

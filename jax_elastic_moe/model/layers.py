@@ -1,4 +1,4 @@
-"""Small building blocks: linear, RMSNorm, SwiGLU MLP and rotary embeddings (default and YaRN)."""
+"""Small building blocks: linear, RMSNorm, LayerNorm, SwiGLU MLP and rotary embeddings (default and YaRN)."""
 from __future__ import annotations
 
 import math
@@ -28,14 +28,34 @@ class Linear(nnx.Module):
 
 
 class RMSNorm(nnx.Module):
-    def __init__(self, dim: int, eps: float, dtype):
-        self.scale = nnx.Param(jnp.ones((dim,), dtype))
+    """RMSNorm; `float32_scale` (gpt-oss) keeps the scale in float32 and applies it before the cast back."""
+
+    def __init__(self, dim: int, eps: float, dtype, float32_scale: bool = False):
+        self.scale = nnx.Param(jnp.ones((dim,), jnp.float32 if float32_scale else dtype))
         self.eps = eps
+        self.float32_scale = float32_scale
 
     def __call__(self, x):
         xf = x.astype(jnp.float32)
         xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        if self.float32_scale:
+            return (self.scale[...] * xf).astype(x.dtype)
         return self.scale[...] * xf.astype(x.dtype)
+
+
+class LayerNorm(nnx.Module):
+    """LayerNorm with scale and bias, computed in float32 (DeepSeek-V3.2's indexer keys)."""
+
+    def __init__(self, dim: int, eps: float, dtype):
+        self.scale = nnx.Param(jnp.ones((dim,), dtype))
+        self.bias = nnx.Param(jnp.zeros((dim,), dtype))
+        self.eps = eps
+
+    def __call__(self, x):
+        xf = x.astype(jnp.float32)
+        xf = xf - jnp.mean(xf, axis=-1, keepdims=True)
+        xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return (xf * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)).astype(x.dtype)
 
 
 class MLP(nnx.Module):
@@ -48,6 +68,12 @@ class MLP(nnx.Module):
 
     def __call__(self, x):
         return self.down(jax.nn.silu(self.gate(x)) * self.up(x))
+
+
+def write_cache(cache, new, positions):
+    """cache [B, L, ...], new [B, S, ...], positions [B, S] -> cache with new rows at positions."""
+    b = jnp.arange(cache.shape[0])[:, None]
+    return cache.at[b, positions].set(new.astype(cache.dtype), mode="drop")
 
 
 def rope_inv_freq(cfg: ModelConfig) -> tuple[np.ndarray, float]:
@@ -90,8 +116,12 @@ def rope_cos_sin(positions, inv_freq, scale: float, dtype):
 
 
 def apply_rope(x, cos, sin, interleave: bool = False):
-    """x [B, S, heads, D]; cos/sin [B, S, D]. `interleave` reads (x0, x1), (x2, x3)... as the rotated
-    pairs (DeepSeek) and returns them de-interleaved, as Hugging Face does."""
+    """x [B, S, heads, D]; cos/sin [B, S, R] with R <= D: the first R dims of each head rotate, the
+    rest pass (GLM's partial rotary, V3.2's indexer). `interleave` reads (x0, x1), (x2, x3)... as the
+    rotated pairs (DeepSeek) and returns them de-interleaved, as Hugging Face does."""
+    r = cos.shape[-1]
+    if r < x.shape[-1]:
+        return jnp.concatenate([apply_rope(x[..., :r], cos, sin, interleave), x[..., r:]], axis=-1)
     cos, sin = cos[:, :, None, :], sin[:, :, None, :]
     if interleave:
         half = x.shape[-1] // 2

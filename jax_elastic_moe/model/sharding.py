@@ -11,10 +11,12 @@ EP_AXIS = "ep"
 MESH_RULES = {"slot": EP_AXIS, "batch": EP_AXIS}
 
 # parameter name (last path element) -> logical axes of its dimensions; unlisted: replicated
+# (expert params: the matrices and the per-slot arrays that go with them, whose paths end in the
+# matrix's name: biases [slots, n], FP8 block scales [slots, r, c]; the leading slot axis is split)
 PARAM_AXES = {
-    "w_gate": ("slot", None, None),
-    "w_up": ("slot", None, None),
-    "w_down": ("slot", None, None),
+    "w_gate": ("slot",),
+    "w_up": ("slot",),
+    "w_down": ("slot",),
 }
 
 
