@@ -55,10 +55,13 @@ def movement(old: Placement, new: Placement, expert_bytes: int = 0, alive=None) 
     if alive.shape != (old.num_ranks,):
         raise PlacementError(f"alive must have shape ({old.num_ranks},), got {alive.shape}")
     surviving = np.where(alive[old.slot_rank()][None, :], old.phy2log, -1)
-    per_layer = loaded_slots(surviving, new.phy2log)
+    plan = plan_move_arrays(old.phy2log, new.phy2log, old.slots_per_rank, alive)
+    loads = plan["kind"] != 0
+    per_layer = np.bincount(plan["layer"][loads], minlength=new.num_layers).astype(np.int64)
     moved = int(per_layer.sum())
-    restored = int(((old.live_logcnt(alive) == 0) & (new.logcnt > 0)).sum())
-    kept = int(((new.phy2log >= 0) & (new.phy2log == surviving)).sum())
+    backup = plan["kind"] == 3
+    restored = len(set(zip(plan["layer"][backup].tolist(), plan["expert"][backup].tolist())))
+    kept = int((~loads).sum())
     freed = int(((surviving >= 0) & (new.phy2log != surviving)).sum())
     return Movement(moved, moved * int(expert_bytes), restored, kept, freed, per_layer)
 
@@ -91,27 +94,39 @@ class SlotMove:
     source: int = -1
 
 
-def plan_moves(old_phy2log, new_phy2log, slots_per_rank: int, intact, targets=None) -> list[SlotMove]:
+KINDS = ("kept", "local", "peer", "backup")
+
+
+def plan_move_arrays(old_phy2log, new_phy2log, slots_per_rank: int, intact, targets=None) -> dict:
     """The weight moves that take the slots of ranks `targets` (default: all) from `old_phy2log` to
-    `new_phy2log` ([L, S] each). intact: [N] bool, the ranks whose old slots still hold their weights
-    (not dead, not restarted empty). One plan for both runtime modes and for movement() counts."""
+    `new_phy2log` ([L, S] each), as arrays over the slots that hold an expert next: layer, slot,
+    expert, kind (an index into KINDS) and source slot (-1 for backup). intact: [N] bool, the ranks
+    whose old slots still hold their weights (not dead, not restarted empty). The first intact slot
+    holding an expert is its source. One plan for both runtime modes and for movement()."""
     old, new = np.asarray(old_phy2log), np.asarray(new_phy2log)
     intact = np.asarray(intact, bool)
     rank_of = np.arange(old.shape[1]) // slots_per_rank
     targets = np.ones(len(intact), bool) if targets is None else np.asarray(targets, bool)
-    moves = []
+    num_experts = int(max(old.max(initial=-1), new.max(initial=-1))) + 1
+    parts = []
     for layer in range(new.shape[0]):
-        holder = {}
-        for s in np.nonzero((old[layer] >= 0) & intact[rank_of])[0]:
-            holder.setdefault(int(old[layer, s]), int(s))
-        for s in np.nonzero((new[layer] >= 0) & targets[rank_of])[0]:
-            e = int(new[layer, s])
-            if intact[rank_of[s]] and old[layer, s] == e:
-                moves.append(SlotMove(layer, int(s), e, "kept", int(s)))
-            elif e in holder:
-                src = holder[e]
-                kind = "local" if rank_of[src] == rank_of[s] else "peer"
-                moves.append(SlotMove(layer, int(s), e, kind, src))
-            else:
-                moves.append(SlotMove(layer, int(s), e, "backup"))
-    return moves
+        held = np.nonzero((old[layer] >= 0) & intact[rank_of])[0]
+        experts, first = np.unique(old[layer, held], return_index=True)
+        holder = np.full(num_experts, -1)
+        holder[experts] = held[first]
+        t = np.nonzero((new[layer] >= 0) & targets[rank_of])[0]
+        e = new[layer, t]
+        src = holder[e]
+        kept = intact[rank_of[t]] & (old[layer, t] == e)
+        kind = np.where(kept, 0, np.where(src < 0, 3, np.where(rank_of[np.maximum(src, 0)] == rank_of[t], 1, 2)))
+        src = np.where(kept, t, src)
+        parts.append((np.full(len(t), layer), t, e, kind, src))
+    cat = [np.concatenate(x) if parts else np.zeros(0, int) for x in zip(*parts)] if parts else [np.zeros(0, int)] * 5
+    return dict(zip(("layer", "slot", "expert", "kind", "source"), cat))
+
+
+def plan_moves(old_phy2log, new_phy2log, slots_per_rank: int, intact, targets=None) -> list[SlotMove]:
+    """plan_move_arrays as a list of SlotMove."""
+    a = plan_move_arrays(old_phy2log, new_phy2log, slots_per_rank, intact, targets)
+    return [SlotMove(int(m), int(s), int(e), KINDS[k], int(src))
+            for m, s, e, k, src in zip(a["layer"], a["slot"], a["expert"], a["kind"], a["source"])]

@@ -395,7 +395,7 @@ def main(argv: list[str] | None = None) -> int:
         shape = read_model_shape(args.config)
         report = plan(shape, args.ranks, args.redundant, args.nodes, args.groups, args.policy, args.zipf,
                       args.seed, args.samples, args.exact_limit, args.bytes_per_param, args.layers)
-    except (PlacementError, OSError) as error:
+    except (PlacementError, OSError, ValueError) as error:
         print(f"jem plan: error: {error}", file=sys.stderr)
         return 2
     print(format_report(report))
