@@ -57,13 +57,13 @@ def mooncake_version() -> str | None:
 def load():
     """The `_exchange_cpu` module, its handler registered with XLA as `jem_exchange` (once)."""
     global _module
-    if _module is not None:
-        return _module
     version = mooncake_version()
     if version is None or not version.startswith(SUPPORTED_MOONCAKE):
         if os.environ.get("JEM_EXCHANGE_ANY_MOONCAKE") != "1":
             raise ExchangeUnavailable(f"Mooncake {version} is not a version the native exchange was built for "
                                       f"({', '.join(SUPPORTED_MOONCAKE)}); JEM_EXCHANGE_ANY_MOONCAKE=1 tries anyway")
+    if _module is not None:
+        return _module
     try:
         import mooncake.engine
         ctypes.CDLL(mooncake.engine.__file__, mode=os.RTLD_NOLOAD | os.RTLD_GLOBAL)
@@ -104,10 +104,12 @@ class NativeExchange:
                                    self._stride)
         self._closed = False
 
-    def self_test(self, timeout: float = 2.0):
-        """One 8-byte write through Mooncake from C++ into this rank's own region; raises
-        ExchangeUnavailable when it does not arrive (an ABI mismatch with the loaded Mooncake)."""
-        why = self._mod.self_test(self.id, self.transport.address.segment, int(timeout * 1e9))
+    def self_test(self, timeout: float = 2.0, segment: str | None = None):
+        """One 8-byte write through Mooncake from C++ into this rank's own region (`segment`: this
+        rank's, by default); raises ExchangeUnavailable when it does not arrive (an ABI mismatch with
+        the loaded Mooncake)."""
+        segment = self.transport.address.segment if segment is None else segment
+        why = self._mod.self_test(self.id, segment, int(timeout * 1e9))
         if why:
             raise ExchangeUnavailable(f"native exchange self-test failed: {why}")
 
