@@ -43,15 +43,6 @@ int DtypeCode(ffi::DataType t) {
   }
 }
 
-struct Array {
-  const char* send;
-  char* recv;
-  int64_t row_bytes;  // bytes of one row [...] of a block
-  int code;
-  int64_t ndim;       // of a payload array: the buffer's rank - 1
-  int64_t dims[kMaxNdim];
-};
-
 int64_t RoundUp(int64_t n) { return (n + kAlign - 1) / kAlign * kAlign; }
 
 int64_t PayloadBytes(const std::vector<Array>& arrays, int64_t rows) {
@@ -139,6 +130,8 @@ struct Send {
 
 const char* PhaseName(Send::Phase p) { return p == Send::kData ? "data" : "signal"; }
 
+}  // namespace
+
 ffi::Error CheckArgs(const ffi::AnyBuffer& send_counts, const ffi::AnyBuffer& active, const ffi::AnyBuffer& step,
                      const ffi::RemainingArgs& args, const ffi::AnyBuffer& recv_counts, const ffi::RemainingRets& rets,
                      int64_t* n, int64_t* t, std::vector<Array>* arrays) {
@@ -184,23 +177,13 @@ ffi::Error CheckArgs(const ffi::AnyBuffer& send_counts, const ffi::AnyBuffer& ac
   return ffi::Error::Success();
 }
 
-ffi::Error ExchangeCpuImpl(ffi::AnyBuffer send_counts, ffi::AnyBuffer active, ffi::AnyBuffer step,
-                           ffi::RemainingArgs args, ffi::Result<ffi::AnyBuffer> recv_counts, ffi::RemainingRets rets,
-                           int64_t ctx_id, int64_t seq_stride, int64_t seq_offset, int64_t timeout_ns) {
-  int64_t n = 0, t = 0;
-  std::vector<Array> arrays;
-  JEM_RETURN_IF_ERROR(CheckArgs(send_counts, active, step, args, *recv_counts, rets, &n, &t, &arrays));
-  auto ctx = Find(ctx_id);
-  if (!ctx) return ffi::Error::InvalidArgument("jem_exchange: no exchange context " + std::to_string(ctx_id));
-  std::lock_guard<std::mutex> lock(ctx->mu);
+ffi::Error Exchange(Context* ctx, const int32_t* counts, const int32_t* live, int32_t step, std::vector<Array>& arrays,
+                    int32_t* received, int64_t n, int64_t t, int64_t seq_stride, int64_t seq_offset, int64_t timeout_ns) {
   const Geometry& g = ctx->g;
   if (n != g.num_ranks) return ffi::Error::InvalidArgument("jem_exchange: N differs from the context's rank count");
-  const int64_t seq_signed = static_cast<int64_t>(*static_cast<const int32_t*>(step.untyped_data())) * seq_stride + seq_offset;
+  const int64_t seq_signed = static_cast<int64_t>(step) * seq_stride + seq_offset;
   if (seq_signed < 1) return ffi::Error::InvalidArgument("jem_exchange: seq must be >= 1, got " + std::to_string(seq_signed));
   const uint64_t seq = static_cast<uint64_t>(seq_signed);
-  const int32_t* counts = static_cast<const int32_t*>(send_counts.untyped_data());
-  const int32_t* live = static_cast<const int32_t*>(active.untyped_data());
-  int32_t* received = static_cast<int32_t*>(recv_counts->untyped_data());
   for (int64_t r = 0; r < n; ++r) {
     if (counts[r] < 0 || counts[r] > t) return ffi::Error::InvalidArgument("jem_exchange: send_counts out of [0, T]");
     if (live[r] && r != g.rank && PayloadBytes(arrays, counts[r]) > g.slot_bytes)
@@ -362,6 +345,22 @@ ffi::Error ExchangeCpuImpl(ffi::AnyBuffer send_counts, ffi::AnyBuffer active, ff
   }
   message.pop_back();
   return direct ? ffi::Error(ffi::ErrorCode::kUnavailable, message) : ffi::Error(ffi::ErrorCode::kDeadlineExceeded, message);
+}
+
+namespace {
+
+ffi::Error ExchangeCpuImpl(ffi::AnyBuffer send_counts, ffi::AnyBuffer active, ffi::AnyBuffer step,
+                           ffi::RemainingArgs args, ffi::Result<ffi::AnyBuffer> recv_counts, ffi::RemainingRets rets,
+                           int64_t ctx_id, int64_t seq_stride, int64_t seq_offset, int64_t timeout_ns) {
+  int64_t n = 0, t = 0;
+  std::vector<Array> arrays;
+  JEM_RETURN_IF_ERROR(CheckArgs(send_counts, active, step, args, *recv_counts, rets, &n, &t, &arrays));
+  auto ctx = Find(ctx_id);
+  if (!ctx) return ffi::Error::InvalidArgument("jem_exchange: no exchange context " + std::to_string(ctx_id));
+  std::lock_guard<std::mutex> lock(ctx->mu);
+  return Exchange(ctx.get(), static_cast<const int32_t*>(send_counts.untyped_data()),
+                  static_cast<const int32_t*>(active.untyped_data()), *static_cast<const int32_t*>(step.untyped_data()),
+                  arrays, static_cast<int32_t*>(recv_counts->untyped_data()), n, t, seq_stride, seq_offset, timeout_ns);
 }
 
 }  // namespace

@@ -84,6 +84,25 @@ struct Context {
 
 std::shared_ptr<Context> Find(int64_t id);
 
+// One array operand of the op and its result: block d is [T, ...] at send + d * T * row_bytes.
+struct Array {
+  const char* send;
+  char* recv;
+  int64_t row_bytes;  // bytes of one row [...] of a block
+  int code;           // runtime/layout.py's dtype code
+  int64_t ndim;       // of a payload array: the buffer's rank - 1
+  int64_t dims[kMaxNdim];
+};
+
+// Checks the op's buffers (csrc/exchange.h); fills N, T and the arrays with the buffers' pointers.
+ffi::Error CheckArgs(const ffi::AnyBuffer& send_counts, const ffi::AnyBuffer& active, const ffi::AnyBuffer& step,
+                     const ffi::RemainingArgs& args, const ffi::AnyBuffer& recv_counts, const ffi::RemainingRets& rets,
+                     int64_t* n, int64_t* t, std::vector<Array>* arrays);
+
+// The exchange on host memory (arrays' send/recv, counts, live, received); the caller holds ctx->mu.
+ffi::Error Exchange(Context* ctx, const int32_t* counts, const int32_t* live, int32_t step, std::vector<Array>& arrays,
+                    int32_t* received, int64_t n, int64_t t, int64_t seq_stride, int64_t seq_offset, int64_t timeout_ns);
+
 inline int64_t NanosSince(Clock::time_point t0) {
   return std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now() - t0).count();
 }

@@ -133,11 +133,11 @@ class NativeExchange:
         """Applies the Transport's fault injection (drop, delay_s) to the op too."""
         self._mod.set_fault(self.id, bool(self.transport.drop), int(self.transport.delay_s * 1e9))
 
-    def failure(self) -> ExchangeResult | None:
-        """What the last op that failed reported (failed: rank -> reason; silent: named only for a
-        missing signal), or None when the last op succeeded."""
-        _, records = self._mod.last_failure(self.id)
-        if not records:
+    def failure(self, since_seq: int = 1) -> ExchangeResult | None:
+        """What the last op reported when it failed (failed: rank -> reason; silent: named only for a
+        missing signal); None when it succeeded or ran for a seq below `since_seq` (an older step)."""
+        seq, records = self._mod.last_failure(self.id)
+        if not records or seq < since_seq:
             return None
         result = ExchangeResult()
         for rank, kind, reason in records:
