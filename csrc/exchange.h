@@ -64,5 +64,6 @@ int64_t Reclaim(int64_t id);  // polls abandoned transfers; returns how many are
 }  // namespace jem
 
 JEM_DECLARE_HANDLER(JemExchangeCpu);
+JEM_DECLARE_HANDLER(JemExchangeCuda);  // csrc/cuda/exchange.cu: operands in GPU memory, staged through pinned host memory
 
 #endif  // JEM_CSRC_EXCHANGE_H_

@@ -1,4 +1,5 @@
-// pybind11 module _exchange_cpu: the jem_exchange handler capsule and the functions that create and
+// pybind11 module _exchange_cpu (or _exchange_cuda, built with JEM_PLATFORM_CUDA: the same
+// functions and the CUDA handler): the jem_exchange handler capsule and the functions that create and
 // update its per-process contexts (csrc/exchange.h). Separate from _ffi_cpu because it needs
 // Mooncake's symbols at load time (runtime/exchange_ffi.py makes them visible first); the kernels
 // of _ffi_cpu load without Mooncake.
@@ -6,6 +7,14 @@
 #include <pybind11/stl.h>
 
 #include "csrc/exchange.h"
+
+#ifdef JEM_PLATFORM_CUDA
+#define JEM_EXCHANGE_MODULE _exchange_cuda
+#define JEM_EXCHANGE_HANDLER JemExchangeCuda
+#else
+#define JEM_EXCHANGE_MODULE _exchange_cpu
+#define JEM_EXCHANGE_HANDLER JemExchangeCpu
+#endif
 
 namespace py = pybind11;
 namespace ex = jem::exchange;
@@ -18,9 +27,9 @@ void Raise(const std::string& error) {
 
 }  // namespace
 
-PYBIND11_MODULE(_exchange_cpu, m) {
-  m.doc() = "jem_exchange: the cross-rank EP exchange through Mooncake, as an XLA FFI op (CPU)";
-  m.def("handler", []() { return py::capsule(reinterpret_cast<void*>(JemExchangeCpu)); });
+PYBIND11_MODULE(JEM_EXCHANGE_MODULE, m) {
+  m.doc() = "jem_exchange: the cross-rank EP exchange through Mooncake, as an XLA FFI op";
+  m.def("handler", []() { return py::capsule(reinterpret_cast<void*>(JEM_EXCHANGE_HANDLER)); });
   m.def(
       "create",
       [](uintptr_t engine, int64_t rank, int64_t num_ranks, int64_t buffers, int64_t slot_bytes,

@@ -67,7 +67,7 @@ def reference_exchange(t, arrays, counts, active, seq: int, timeout: float):
 
 
 def start_native(t, timeout: float | None = None) -> bool:
-    """Creates this rank's NativeExchange and runs its self-test."""
+    """Creates this rank's NativeExchange (for jax's default backend) and runs its self-test."""
     t._jem_native = NativeExchange(t, timeout)
     t._jem_native.self_test()
     t._jem_fns = {}

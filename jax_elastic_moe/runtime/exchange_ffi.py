@@ -38,7 +38,9 @@ TARGET = "jem_exchange"
 SUPPORTED_MOONCAKE = ("0.3.13",)
 _WHEELS = ("mooncake-transfer-engine-non-cuda", "mooncake-transfer-engine")
 _STAGING_TAIL = 128  # a signal word and a probe word after each peer's staging slot
-_module = None
+# XLA platform -> module: the same context functions; the CUDA one's handler takes GPU buffers.
+_MODULES = {"cpu": "jax_elastic_moe._exchange_cpu", "CUDA": "jax_elastic_moe._exchange_cuda"}
+_modules: dict = {}
 
 
 class ExchangeUnavailable(RuntimeError):
@@ -54,26 +56,35 @@ def mooncake_version() -> str | None:
     return None
 
 
-def load():
-    """The `_exchange_cpu` module, its handler registered with XLA as `jem_exchange` (once)."""
-    global _module
+def _xla_platform(platform: str | None) -> str:
+    import jax
+    name = (platform or jax.default_backend()).lower()
+    return {"cpu": "cpu", "gpu": "CUDA", "cuda": "CUDA"}.get(name, name)
+
+
+def load(platform: str | None = None):
+    """The exchange module of `platform` ('cpu' or 'CUDA'; default: jax's default backend), its
+    handler registered with XLA as `jem_exchange` for that platform (once)."""
+    platform = _xla_platform(platform)
+    if platform not in _MODULES:
+        raise ExchangeUnavailable(f"no native exchange for platform {platform!r}")
     version = mooncake_version()
     if version is None or not version.startswith(SUPPORTED_MOONCAKE):
         if os.environ.get("JEM_EXCHANGE_ANY_MOONCAKE") != "1":
             raise ExchangeUnavailable(f"Mooncake {version} is not a version the native exchange was built for "
                                       f"({', '.join(SUPPORTED_MOONCAKE)}); JEM_EXCHANGE_ANY_MOONCAKE=1 tries anyway")
-    if _module is not None:
-        return _module
+    if platform in _modules:
+        return _modules[platform]
     try:
         import mooncake.engine
         ctypes.CDLL(mooncake.engine.__file__, mode=os.RTLD_NOLOAD | os.RTLD_GLOBAL)
-        module = importlib.import_module("jax_elastic_moe._exchange_cpu")
+        module = importlib.import_module(_MODULES[platform])
     except (ImportError, OSError) as e:
         raise ExchangeUnavailable(f"the native exchange module cannot be loaded ({type(e).__name__}: {e}); "
                                   "rebuild with `pip install -e . --no-build-isolation`") from e
     import jax
-    jax.ffi.register_ffi_target(TARGET, module.handler(), platform="cpu")
-    _module = module
+    jax.ffi.register_ffi_target(TARGET, module.handler(), platform=platform)
+    _modules[platform] = module
     return module
 
 
@@ -84,10 +95,12 @@ class NativeExchange:
       transport: this rank's Transport; its peers are installed by `install()` after set_peers.
       timeout: the op's deadline in seconds, counted from the op's start (default the transport's
         exchange_timeout).
+      platform: where the op's operands live: 'cpu' or 'CUDA' (staged through pinned host memory);
+        default jax's default backend.
     """
 
-    def __init__(self, transport, timeout: float | None = None):
-        self._mod = load()
+    def __init__(self, transport, timeout: float | None = None, platform: str | None = None):
+        self._mod = load(platform)
         self.transport = transport
         layout = transport.layout
         self.timeout = float(transport.exchange_timeout if timeout is None else timeout)
