@@ -21,6 +21,12 @@
 
 #include "common.h"
 
+// The binding after Bind() (and the CUDA stream context): the operands, results and attributes above.
+#define JEM_EXCHANGE_SIGNATURE                                                                       \
+  .Arg<::xla::ffi::AnyBuffer>().Arg<::xla::ffi::AnyBuffer>().Arg<::xla::ffi::AnyBuffer>().RemainingArgs() \
+      .Ret<::xla::ffi::AnyBuffer>().RemainingRets()                                                   \
+      .Attr<int64_t>("context").Attr<int64_t>("seq_stride").Attr<int64_t>("seq_offset").Attr<int64_t>("timeout_ns")
+
 namespace jem {
 namespace exchange {
 

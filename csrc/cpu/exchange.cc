@@ -368,14 +368,4 @@ ffi::Error ExchangeCpuImpl(ffi::AnyBuffer send_counts, ffi::AnyBuffer active, ff
 }  // namespace jem
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JemExchangeCpu, jem::exchange::ExchangeCpuImpl,
-                              xla::ffi::Ffi::Bind()
-                                  .Arg<xla::ffi::AnyBuffer>()
-                                  .Arg<xla::ffi::AnyBuffer>()
-                                  .Arg<xla::ffi::AnyBuffer>()
-                                  .RemainingArgs()
-                                  .Ret<xla::ffi::AnyBuffer>()
-                                  .RemainingRets()
-                                  .Attr<int64_t>("context")
-                                  .Attr<int64_t>("seq_stride")
-                                  .Attr<int64_t>("seq_offset")
-                                  .Attr<int64_t>("timeout_ns"));
+                              xla::ffi::Ffi::Bind() JEM_EXCHANGE_SIGNATURE);

@@ -95,14 +95,4 @@ ffi::Error ExchangeCudaImpl(cudaStream_t stream, ffi::AnyBuffer send_counts, ffi
 }  // namespace jem
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JemExchangeCuda, jem::exchange::ExchangeCudaImpl,
-                              JEM_CUDA_BIND
-                                  .Arg<xla::ffi::AnyBuffer>()
-                                  .Arg<xla::ffi::AnyBuffer>()
-                                  .Arg<xla::ffi::AnyBuffer>()
-                                  .RemainingArgs()
-                                  .Ret<xla::ffi::AnyBuffer>()
-                                  .RemainingRets()
-                                  .Attr<int64_t>("context")
-                                  .Attr<int64_t>("seq_stride")
-                                  .Attr<int64_t>("seq_offset")
-                                  .Attr<int64_t>("timeout_ns"));
+                              JEM_CUDA_BIND JEM_EXCHANGE_SIGNATURE);
