@@ -8,6 +8,7 @@
 // as orphans of their peer (their staging block stays untouched until Mooncake resolves them).
 #include <time.h>
 
+#include <algorithm>
 #include <atomic>
 #include <map>
 #include <thread>
@@ -21,7 +22,9 @@ namespace {
 
 constexpr int64_t kProbeAfterNs = 20'000'000;  // a source silent this long gets a liveness probe ...
 constexpr int64_t kProbeEveryNs = 50'000'000;  // ... at most this often (as runtime/transport.py)
-constexpr int64_t kSpinNs = 30'000, kYieldNs = 300'000, kSleepNs = 50'000;
+// Waiting: spin, then yield, then sleeps doubling from 50 us to 500 us (a loaded host needs its cores
+// for the ranks still working and for Mooncake's threads more than for the ranks already waiting).
+constexpr int64_t kSpinNs = 30'000, kYieldNs = 300'000, kSleepNs = 50'000, kMaxSleepNs = 500'000;
 
 // runtime/layout.py's dtype codes.
 int DtypeCode(ffi::DataType t) {
@@ -108,7 +111,7 @@ std::string Unpack(const char* slot, int64_t slot_bytes, std::vector<Array>& arr
   return "";
 }
 
-void Wait(int64_t waited_ns) {
+void Wait(int64_t waited_ns, int64_t* sleep_ns) {
   if (waited_ns < kSpinNs) {
 #if defined(__x86_64__) || defined(__i386__)
     __builtin_ia32_pause();
@@ -116,8 +119,9 @@ void Wait(int64_t waited_ns) {
   } else if (waited_ns < kYieldNs) {
     std::this_thread::yield();
   } else {
-    timespec ts{0, kSleepNs};
+    timespec ts{0, static_cast<long>(*sleep_ns)};
     nanosleep(&ts, nullptr);
+    *sleep_ns = std::min(2 * *sleep_ns, kMaxSleepNs);
   }
 }
 
@@ -242,6 +246,7 @@ ffi::Error Exchange(Context* ctx, const int32_t* counts, const int32_t* live, in
   auto next_probe = t0 + std::chrono::nanoseconds(kProbeAfterNs);
   const auto deadline = t0 + std::chrono::nanoseconds(timeout_ns);
   const auto wait_start = Clock::now();
+  int64_t sleep_ns = kSleepNs;
   while (true) {
     bool unsent = false;
     for (Send& s : sends) {
@@ -328,7 +333,7 @@ ffi::Error Exchange(Context* ctx, const int32_t* counts, const int32_t* live, in
         for (int64_t src : waiting) fail(src, "silent", "no signal for seq " + std::to_string(seq) + " before the deadline");
       break;
     }
-    Wait(NanosSince(wait_start));
+    Wait(NanosSince(wait_start), &sleep_ns);
   }
   for (int64_t src = 0; src < n; ++src)  // probes still in flight: polled until Mooncake resolves them
     if (probes[static_cast<size_t>(src)] != 0) ctx->peers[static_cast<size_t>(src)].orphans.push_back({probes[static_cast<size_t>(src)], "probe"});
