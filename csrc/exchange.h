@@ -54,8 +54,10 @@ struct PeerReport {
 // Context registry; every function returns an error message ("" on success) where it can fail.
 int64_t Create(uintptr_t engine, const Geometry& geometry, std::string* error);
 std::string Destroy(int64_t id);
+// Installs `rank`'s address; an open peer with transfers abandoned earlier waits up to drain_ns for
+// Mooncake to resolve them (as Transport.set_peers does), else stays failed.
 std::string SetPeer(int64_t id, int64_t rank, const std::string& segment, uint64_t recv_base, bool open,
-                    const std::string& reason);
+                    const std::string& reason, int64_t drain_ns);
 std::string SetBlocked(int64_t id, int64_t rank);  // a handshake with `rank` holds Mooncake's lock; -1: none
 std::string SetFault(int64_t id, bool drop, int64_t delay_ns);
 // Writes a token from staging into this rank's own probe word through Mooncake and checks that it

@@ -48,11 +48,11 @@ PYBIND11_MODULE(JEM_EXCHANGE_MODULE, m) {
     return ex::Destroy(id);
   });
   m.def("set_peer", [](int64_t id, int64_t rank, const std::string& segment, uint64_t recv_base, bool open,
-                       const std::string& reason) {
+                       const std::string& reason, int64_t drain_ns) {
     std::string error;
     {
       py::gil_scoped_release release;
-      error = ex::SetPeer(id, rank, segment, recv_base, open, reason);
+      error = ex::SetPeer(id, rank, segment, recv_base, open, reason, drain_ns);
     }
     Raise(error);
   });

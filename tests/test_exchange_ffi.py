@@ -166,3 +166,24 @@ def test_self_test_and_fallback(monkeypatch):
             warnings.simplefilter("always")
             assert exchange_ffi.open_native_exchange(transport) is None
         assert any("using the Python exchange" in str(w.message) for w in caught)
+
+
+def test_paused_peer_is_readmitted_once_its_orphans_resolve(cluster4):
+    """Rank 3 is stopped for longer than the deadline, then continued (a long pause, not a death):
+    the others abandon their writes to it as orphans and name it; after the pause Mooncake completes
+    those writes, re-installing the peers drains them, and all four exchange again."""
+    for rank in range(4):
+        cluster4.submit(rank, "invoke", target=CHECK + "run", mode="native", first_step=1, steps=100_000,
+                        tokens=16, spec=SPEC, timeout=TIMEOUT, check=False)
+    time.sleep(2.0)
+    cluster4.signal(3, signal.SIGSTOP)
+    time.sleep(TIMEOUT + 0.3)
+    os.kill(cluster4.procs[3].pid, signal.SIGCONT)
+    outs = {rank: cluster4.collect(rank, wait=TIMEOUT + 5) for rank in range(4)}
+    assert all(3 in outs[r]["failed"] for r in range(3)), outs
+    assert cluster4.install_peers() == {r: None for r in range(4)}
+    states = cluster4.call_all(range(4), "invoke", wait=30, target=CHECK + "install_native")
+    for rank, peers in states.items():
+        assert all(state == "open" and orphans == 0 for state, _, orphans in peers.values()), (rank, peers)
+    results = _run(cluster4, {r: "native" for r in range(4)}, 10**6, 3, tokens=16, spec=SPEC)
+    _assert_ok(results, 3)

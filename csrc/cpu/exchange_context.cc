@@ -109,7 +109,7 @@ std::string Destroy(int64_t id) {
 }
 
 std::string SetPeer(int64_t id, int64_t rank, const std::string& segment, uint64_t recv_base, bool open,
-                    const std::string& reason) {
+                    const std::string& reason, int64_t drain_ns) {
   auto ctx = Find(id);
   if (!ctx) return "no exchange context " + std::to_string(id);
   std::lock_guard<std::mutex> lock(ctx->mu);
@@ -127,6 +127,11 @@ std::string SetPeer(int64_t id, int64_t rank, const std::string& segment, uint64
   if (!open) {
     peer.reason = reason.empty() ? "not connected" : reason;
     return "";
+  }
+  const auto t0 = Clock::now();
+  while (!peer.orphans.empty() && NanosSince(t0) < drain_ns) {  // a re-admitted slow peer: its old writes first
+    std::this_thread::sleep_for(std::chrono::microseconds(200));
+    ctx->PollOrphans();
   }
   if (!peer.orphans.empty()) {
     peer.reason = "transfers to " + segment + " abandoned earlier are still in flight";

@@ -23,12 +23,14 @@ import ctypes
 import importlib
 import importlib.metadata
 import os
+import time
 import warnings
 
 import numpy as np
 
 from .layout import aligned_buffer
 from .peers import ExchangeResult
+from .transport import DEFAULT_CONNECT_TIMEOUT
 
 __all__ = ["SUPPORTED_MOONCAKE", "ExchangeUnavailable", "NativeExchange", "load", "model_exchange",
            "open_native_exchange"]
@@ -126,18 +128,23 @@ class NativeExchange:
         if why:
             raise ExchangeUnavailable(f"native exchange self-test failed: {why}")
 
-    def install(self):
+    def install(self, timeout: float = DEFAULT_CONNECT_TIMEOUT):
         """Copies the Transport's peer table (addresses, open/failed state) and fault settings into the
-        context. Call after every `transport.set_peers`: segments are opened here, never in the op."""
+        context. Call after every `transport.set_peers`: segments are opened here, never in the op.
+        A peer the op abandoned transfers to is re-admitted once Mooncake resolved them, waiting up
+        to `timeout` seconds in all (as set_peers does); until then it stays failed."""
         table = self.transport.peer_table()
+        deadline = time.monotonic() + timeout
         for rank in range(self.transport.num_ranks):
             if rank == self.transport.rank:
                 continue
+            drain_ns = int(max(0.0, deadline - time.monotonic()) * 1e9)
             if rank in table:
                 address, state, reason = table[rank]
-                self._mod.set_peer(self.id, rank, address.segment, address.recv_base, state == "open", reason)
+                self._mod.set_peer(self.id, rank, address.segment, address.recv_base, state == "open", reason,
+                                   drain_ns)
             else:
-                self._mod.set_peer(self.id, rank, "", 0, False, f"rank {rank} is not in the installed peer table")
+                self._mod.set_peer(self.id, rank, "", 0, False, f"rank {rank} is not in the installed peer table", 0)
         blocker = self.transport.engine_blocker()
         self._mod.set_blocked(self.id, -1 if blocker is None else int(blocker))
         self.sync_fault()
@@ -192,7 +199,6 @@ class NativeExchange:
         if self._closed:
             return
         self._closed = True
-        import time
         end = time.monotonic() + timeout
         while self.reclaim() > 0 and time.monotonic() < end:
             time.sleep(0.01)
