@@ -345,6 +345,7 @@ class Worker:
                 reply = message("reply", rank=self.rank, id=msg.get("id", 0), ok=False,
                                 reason=f"{type(e).__name__}: {e}"[:500])
             self.client.notify(reply)
+            last = time.monotonic()     # a long handler (a compile) is not the controller's silence
 
     def close(self):
         if self.heartbeat is not None:
