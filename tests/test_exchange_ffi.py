@@ -137,7 +137,7 @@ def test_silent_peer_is_named_at_the_deadline(cluster4):
     """Rank 3 is alive but never enters the step: the others return at the op's deadline (never
     later) naming it silent, weak evidence; rank 3 stays open for them."""
     results = _run(cluster4, {r: "native" for r in range(3)}, 1, 1, tokens=8, spec=SPEC)
-    for rank, out in results.items():
+    for out in results.values():
         assert out["silent"] == [3] and "deadline" in out["failed"][3], out
         assert TIMEOUT <= out["elapsed"] < TIMEOUT + MARGIN, out
         assert "timed out" in out["message"], out["message"]

@@ -2,9 +2,10 @@
 
 It holds the dense weights and its `slots_per_rank` expert slots of every MoE layer (in a Mooncake-
 registered weights region that peers can read), runs attention for its share of the batch and takes
-part in every MoE layer of every step: the token exchange runs on the host, inside the jitted step
-through Mooncake with deadlines: the C++ FFI op jem_exchange (runtime/exchange_ffi.py), or
-when it cannot be used here (self-test, Mooncake version) the Python transport through io_callback. Commands come from the controller over pyzmq.
+part in every MoE layer of every step: the token exchange runs inside the jitted step, through
+Mooncake with deadlines: the C++ FFI op jem_exchange (runtime/exchange_ffi.py), or, when that cannot
+be used here (Mooncake version, self-test), the Python transport through io_callback. Commands come
+from the controller over pyzmq.
 
   python -m jax_elastic_moe.runtime.worker --controller tcp://HOST:PORT --rank R
 """
