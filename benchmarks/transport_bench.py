@@ -47,7 +47,8 @@ def spin(seconds: float):
 def percentiles(values):
     values = sorted(values)
     pick = lambda q: values[min(len(values) - 1, int(q * len(values)))]  # noqa: E731
-    return {"n": len(values), "median_ms": 1e3 * statistics.median(values), "p90_ms": 1e3 * pick(0.9),
+    return {"n": len(values), "min_ms": 1e3 * values[0], "median_ms": 1e3 * statistics.median(values),
+            "p90_ms": 1e3 * pick(0.9),
             "p99_ms": 1e3 * pick(0.99), "max_ms": 1e3 * values[-1]}
 
 
