@@ -11,7 +11,10 @@ Loads the prebuilt plain CUDA library (ctypes; any Python), then:
   5. the MoE layer of one rank end to end (T=4096, K=8, 16 local slots, DeepSeek-V3 experts H=7168,
      I=2048, bfloat16): FFI dispatch/regroup + grouped matmul (Mosaic GPU on Hopper) + FFI
      ungroup/combine against the pure-JAX layer (sort + take + lax.ragged_dot + scatter-add);
-     target: >= 8x faster, same result within bfloat16 rounding.
+     target: >= 8x faster, same result within bfloat16 rounding;
+  6. jem_exchange with its operands in GPU memory (csrc/cuda/exchange.cu, pinned-host staging), 2 rank
+     processes over loopback TCP: results equal what each rank must receive; its latency beside the
+     CPU op's. Needs Mooncake and the built _exchange_cuda module; skipped (and said so) otherwise.
 
     python benchmarks/gpu_check.py --so prebuilt/libjem_ffi_cuda.so --json gpu_check.json
 
@@ -190,6 +193,39 @@ def layer_check(results, t=4096, k=8, s=16, h=7168, i=2048):
     return rows
 
 
+def exchange_check(results, ranks=2, tokens=64, row_bytes=4096, steps=200):
+    """6. the CUDA exchange op against the data each rank must receive, and its latency."""
+    try:
+        import mooncake.engine  # noqa: F401
+
+        from jax_elastic_moe.runtime import exchange_ffi
+        exchange_ffi.load("CUDA")
+    except Exception as e:  # noqa: BLE001 - any reason it cannot run here is reported
+        report(results, "exchange (CUDA): skipped", True, f"{type(e).__name__}: {e}")
+        print(f"    exchange (CUDA) skipped: {e}", flush=True)
+        return None
+    from jax_elastic_moe.runtime.loopback import LoopbackCluster
+    check = "jax_elastic_moe.runtime.exchange_check:"
+    out = {}
+    for platform in ("cuda", "cpu"):
+        env = {"JAX_PLATFORMS": platform, "XLA_PYTHON_CLIENT_MEM_FRACTION": "0.05", "MC_LOG_LEVEL": "ERROR"}
+        with LoopbackCluster(ranks, max_rows=tokens, row_bytes=row_bytes, env=env) as cluster:
+            all_ranks = list(range(ranks))
+            cluster.install_peers()
+            cluster.call_all(all_ranks, "invoke", wait=120, target=check + "start_native")
+            cluster.call_all(all_ranks, "invoke", wait=60, target=check + "install_native")
+            res = cluster.call_all(all_ranks, "invoke", wait=600, target=check + "run", mode="native", first_step=1,
+                                   steps=steps, tokens=tokens, spec=[((row_bytes // 4,), "float32"), ((8,), "int32")])
+        lat = sorted(x for r in res.values() for x in r["latencies"][20:])
+        out[platform] = dict(ok=all(not r["bad"] and not r["failed"] for r in res.values()),
+                             p50_ms=1e3 * lat[len(lat) // 2] if lat else None,
+                             p99_ms=1e3 * lat[int(0.99 * len(lat))] if lat else None,
+                             failed={k: r["failed"] for k, r in res.items() if r["failed"]})
+        print(f"    exchange ({platform}): {out[platform]}", flush=True)
+    report(results, "exchange (CUDA, pinned-host staging) == expected", out["cuda"]["ok"], out)
+    return out
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--so", help="path of libjem_ffi_cuda.so (default: prebuilt/, then build/*/ffi/)")
@@ -216,12 +252,13 @@ def main():
     print(f"    copy bandwidth (XLA read + write of 1 GiB): {copy_gbps:.0f} GB/s", flush=True)
     kernel_rows = kernel_benchmark(results, copy_gbps, args.tokens)
     layer_rows = layer_check(results)
+    exchange = exchange_check(results)
     failed = [r["check"] for r in results if not r["ok"]]
     print(f"# {len(results) - len(failed)} passed, {len(failed)} failed" + (f": {failed}" if failed else ""))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(device=dev.device_kind, jax=jax.__version__, copy_gbps=copy_gbps, checks=results,
-                           kernels=kernel_rows, layer=layer_rows), f, indent=1)
+                           kernels=kernel_rows, layer=layer_rows, exchange=exchange), f, indent=1)
     sys.exit(1 if failed else 0)
 
 

@@ -16,7 +16,13 @@ elastic run / fastest plain run) and cpu_ratio (output tokens per CPU-second of 
 elastic / plain: the work per token, whoever else runs). In spmd mode, flops_ratio = XLA's flop count
 of the compiled decode step, plain / elastic: the extra work the elastic configuration compiles in
 (XLA does not see inside FFI kernels: with the CPU grouped matmul kernel the experts' matmuls are
-outside that count)."""
+outside that count).
+
+In mooncake mode a third configuration runs after those two: the non-elastic baseline
+(runtime/distributed.py: the same model, weights, placement as the elastic engine and prompts, one
+process per rank over jax.distributed with XLA's CPU collectives over gloo, all_to_all in
+shard_map; it shares fate on a failure). ratio_vs_baseline = median elastic tokens/s / median
+baseline tokens/s (its runs follow the engines', so a drift of the machine falls on it alone)."""
 from __future__ import annotations
 
 import argparse
@@ -66,12 +72,24 @@ def run(args) -> dict:
                 outputs_identical &= r["outputs"] == warm["plain"]["outputs"]
                 bar.update(1)
         slots = {name: eng.slots_per_rank for name, eng in engines.items()}
+        elastic_placement = engines["elastic"].placement
         step_cost = ({name: decode_step_cost(eng) for name, eng in engines.items()} if args.mode == "spmd" else None)
     finally:
         for eng in engines.values():
             eng.close()
         bar.close()
     plain, elastic = common.spread(rates["plain"]), common.spread(rates["elastic"])
+    baseline = None
+    if args.mode == "mooncake":
+        from ..runtime.distributed import run_baseline
+        base = run_baseline(args.config, args.dtype, args.ranks, elastic_placement, args.seed, prompts,
+                            args.new_tokens, args.repeats)
+        timed = [r["tokens_per_s"] for r in base["runs"] if not r.get("warmup")]
+        baseline = {"tokens_per_s": common.spread(timed), "runs": timed,
+                    "ratio_vs_baseline": elastic["median"] / common.spread(timed)["median"],
+                    "outputs_identical": base["outputs"] == warm["elastic"]["outputs"]
+                    and all(r.get("same", True) for r in base["runs"]),
+                    "first_run_s_with_compile": base["runs"][0]["wall_s"]}
     pair_ratios = [e / p for e, p in zip(rates["elastic"], rates["plain"])]
     return {
         "ratio": elastic["median"] / plain["median"],
@@ -88,6 +106,7 @@ def run(args) -> dict:
         "outputs_identical": outputs_identical,
         "first_run_s_with_compile": {name: w["wall_s"] for name, w in warm.items()},
         "fallback_precompile": fallback,
+        "baseline": baseline,
     }
 
 
@@ -104,7 +123,10 @@ def table(result: dict, args) -> str:
             f"ratio of the fastest runs {result['ratio_of_best']:.4f}; tokens per CPU-second ratio "
             f"{result['cpu_ratio']:.4f}"
             + (f"; decode step flops plain/elastic {result['flops_ratio']:.4f} (XLA cost analysis)"
-               if result["flops_ratio"] else ""))
+               if result["flops_ratio"] else "")
+            + (f"\nnon-elastic baseline (jax.distributed, gloo all_to_all): {b['tokens_per_s']['median']:.1f} tokens/s "
+               f"median; elastic/baseline = {b['ratio_vs_baseline']:.4f}; same tokens: {b['outputs_identical']}"
+               if (b := result.get("baseline")) else ""))
 
 
 def plot(result: dict, path: str):

@@ -12,6 +12,7 @@ meta int32 [src, dest, seq, n].
 from __future__ import annotations
 
 import ctypes
+import importlib
 import multiprocessing as mp
 import os
 import signal
@@ -106,6 +107,13 @@ def _read(t: Transport, peer: int, offset: int, nbytes: int, timeout: float):
     return zlib.crc32(into.data)
 
 
+def _invoke(t: Transport, target: str, **kwargs):
+    """Runs `module:function(t, **kwargs)` in the rank process (helpers of other modules' tests and
+    benchmarks, e.g. runtime/exchange_check.py); its return value is the reply."""
+    module, _, name = target.partition(":")
+    return getattr(importlib.import_module(module), name)(t, **kwargs)
+
+
 _COMMANDS = {
     "set_peers": lambda t, table, timeout: t.set_peers(table, timeout=timeout),
     "exchange": lambda t, seq, rows, dests, timeout, digests=True: _exchange(t, seq, rows, dests, timeout, digests),
@@ -116,6 +124,7 @@ _COMMANDS = {
     "state": lambda t: {"orphans": t.reclaim(),
                         "peers": {r: t.peer_state(r) for r in range(t.num_ranks) if r != t.rank}},
     "close": lambda t: t.close(),
+    "invoke": _invoke,
 }
 
 

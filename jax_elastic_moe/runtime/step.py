@@ -69,8 +69,9 @@ def make_step(graphdef, variables, key_of: Callable, shape: StepShape, *, num_ra
       (params {key: array}, cache, *ROW_INPUTS, log2phy, active, seq) -> (next [rows] int32, cache,
       expert counts [Lm, E])
 
-    axis_name: the mesh axis of the ranks (spmd, all_to_all); otherwise exchange_for(seq) gives the
-    host exchange of the step numbered seq (mooncake) and `rank` numbers this rank's tokens."""
+    axis_name: the mesh axis of the ranks (spmd, all_to_all); otherwise exchange_for(seq, active) gives
+    the exchange of the step numbered seq over the traced live-rank mask (mooncake) and `rank`
+    numbers this rank's tokens."""
     decode = shape.kind == "decode"
 
     def step(params, cache, tokens, positions, valid, slot, last, seeds, sample_ids, temperature, top_p,
@@ -81,7 +82,7 @@ def make_step(graphdef, variables, key_of: Callable, shape: StepShape, *, num_ra
         token_index = ((r * rows + jnp.arange(rows, dtype=jnp.int32))[:, None] * 7919 + positions).reshape(-1)
         ctx = EPContext(log2phy=log2phy, active=active, token_index=token_index.astype(jnp.int32),
                         valid=valid.reshape(-1), num_ranks=num_ranks, slots_per_rank=slots_per_rank,
-                        axis_name=axis_name, exchange=None if exchange_for is None else exchange_for(seq),
+                        axis_name=axis_name, exchange=None if exchange_for is None else exchange_for(seq, active),
                         backend=backend)
         rows_cache = cache if decode else jax.tree.map(lambda c: jnp.take(c, slot, axis=0, mode="clip"), cache)
         hidden, rows_cache, counts = model(tokens, positions, rows_cache, ctx, shape.attend or None)

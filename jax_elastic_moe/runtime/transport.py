@@ -670,6 +670,26 @@ class Transport:
         handles = [self.send(dest, arrays, seq) for dest, arrays in sorted(outgoing.items())]
         return self._progress(handles, sources, seq, deadline, copy, fail_fast)
 
+    # ------------------------------------------------------------------ native exchange access
+
+    def engine_ptr(self) -> int:
+        """Address of this rank's mooncake::TransferEngine (for runtime/exchange_ffi.py)."""
+        self._check_rank(self.rank, "this rank")  # raises if closed
+        return int(self._te.get_engine_ptr())
+
+    @property
+    def recv_region(self) -> np.ndarray:
+        """This rank's registered receive region (uint8, `layout.region_bytes` long)."""
+        return self._recv
+
+    def peer_table(self) -> dict[int, tuple[PeerAddress, str, str]]:
+        """rank -> (address, state, reason) of every installed peer (state as `peer_state`)."""
+        return {rank: (peer.address, *self.peer_state(rank)) for rank, peer in self._peers.items()}
+
+    def engine_blocker(self) -> int | None:
+        """Rank whose stuck segment handshake holds Mooncake's engine lock, or None."""
+        return self._engine_blocker()
+
     # ------------------------------------------------------------------ weights region
 
     def _local_span(self, array: np.ndarray, nbytes: int, what: str) -> int:

@@ -2,8 +2,10 @@
 
 It holds the dense weights and its `slots_per_rank` expert slots of every MoE layer (in a Mooncake-
 registered weights region that peers can read), runs attention for its share of the batch and takes
-part in every MoE layer of every step: the token exchange runs on the host, inside the jitted step
-(io_callback), through Mooncake with deadlines. Commands come from the controller over pyzmq.
+part in every MoE layer of every step: the token exchange runs inside the jitted step, through
+Mooncake with deadlines: the C++ FFI op jem_exchange (runtime/exchange_ffi.py), or, when that cannot
+be used here (Mooncake version, self-test), the Python transport through io_callback. Commands come
+from the controller over pyzmq.
 
   python -m jax_elastic_moe.runtime.worker --controller tcp://HOST:PORT --rank R
 """
@@ -25,6 +27,7 @@ class Worker:
         self.rank, self.host = rank, host
         self.client = ControlClient(endpoint, f"rank-{rank}")
         self.transport = None
+        self.native = None          # NativeExchange, or None: the Python exchange (io_callback)
         self.heartbeat = None
         self.failure = None
 
@@ -58,6 +61,8 @@ class Worker:
                                    self.max_rows * k * 8 + 256, host=self.host, weights_bytes=weights_bytes,
                                    exchange_timeout=float(msg["exchange_timeout"]))
         self.staging = self.transport.register_array(np.zeros(weights_bytes, np.uint8))
+        from .exchange_ffi import open_native_exchange
+        self.native = open_native_exchange(self.transport)   # warns and returns None on a mismatch
         wdtype = params[("embed",)].dtype
         self.slots = self.transport.weights[:weights_bytes].view(wdtype).reshape(
             len(self.moe_layer_ids), 3, self.spr, -1)
@@ -80,7 +85,8 @@ class Worker:
         self.heartbeat = HeartbeatSender(msg["heartbeat_endpoint"], self.rank, incarnation=int(msg["incarnation"]),
                                          interval=float(msg["heartbeat_interval"]))
         self.heartbeat.start()
-        return {"address": self.transport.address.to_dict(), "pid": os.getpid()}
+        return {"address": self.transport.address.to_dict(), "pid": os.getpid(),
+                "exchange": "python" if self.native is None else "native"}
 
     def _set_epoch(self, msg: dict):
         """The active mask, its peers (the other active ranks) and log2phy of an init or epoch message."""
@@ -133,9 +139,18 @@ class Worker:
                 out[i][src, :c] = g
         return tuple(out)
 
-    def _exchange_fn(self, step):
+    def _exchange_failure(self, step):
+        """The failed exchange of `step` (ExchangeResult) that made it raise, or None."""
+        if self.failure is not None or self.native is None:
+            return self.failure
+        return self.native.failure(since_seq=int(step) * 2 * len(self.moe_layer_ids) + 1)
+
+    def _exchange_fn(self, step, active):
         jax = self.jax
         from functools import partial
+        if self.native is not None:
+            from .exchange_ffi import model_exchange
+            return model_exchange(self.native, step, active, len(self.moe_layer_ids))
 
         def exchange(arrays, moe_layer, phase):
             shapes = tuple(jax.ShapeDtypeStruct(a.shape, a.dtype) for a in arrays)
@@ -196,9 +211,9 @@ class Worker:
                                     self.active_dev, jnp.int32(msg["step"]))
             nxt = np.asarray(nxt)
         except Exception as e:  # the exchange raised inside the step: report the suspects
-            if self.failure is None:
+            res = self._exchange_failure(msg["step"])
+            if res is None:
                 raise
-            res = self.failure
             # a transfer that failed outright is evidence against the peer; one that only ran out of
             # time is not (this rank may have been the slow one), like a missing signal
             hard = {int(r) for r in res.direct if "deadline" not in str(res.failed.get(r, ""))}
@@ -212,7 +227,11 @@ class Worker:
         """Installs a new epoch: peers, active mask, log2phy, and the expert slots to load."""
         from .peers import PeerAddress
         peers = {int(r): PeerAddress.from_dict(a) for r, a in msg["peers"].items()}
-        self.transport.set_peers(peers)
+        try:
+            self.transport.set_peers(peers)
+        finally:    # the peers that could be reached are installed either way
+            if self.native is not None:
+                self.native.install()
         self._set_epoch(msg)
         return {}
 
@@ -256,6 +275,8 @@ class Worker:
             self.transport.set_fault(drop=True)
         else:
             raise ValueError(f"fault {how!r}: a worker injects slow or drop (the controller kills or stops it)")
+        if self.native is not None:
+            self.native.sync_fault()
         return {}
 
     # -- loop -------------------------------------------------------------------------------------
@@ -282,10 +303,13 @@ class Worker:
                 reply = message("reply", rank=self.rank, id=msg.get("id", 0), ok=False,
                                 reason=f"{type(e).__name__}: {e}"[:500])
             self.client.notify(reply)
+            last = time.monotonic()     # a long handler (a compile) is not the controller's silence
 
     def close(self):
         if self.heartbeat is not None:
             self.heartbeat.stop()
+        if self.native is not None:
+            self.native.close()
         if self.transport is not None:
             self.transport.close()
         self.client.close()
