@@ -5,7 +5,7 @@ import pytest
 
 import jax_elastic_moe as jem
 from jax_elastic_moe.config import from_hf_dict, read_config_dict
-from jax_elastic_moe.engine import resolve_preset
+from jax_elastic_moe.config import resolve_preset
 from jax_elastic_moe.placement import rebalance
 from jax_elastic_moe.runtime.distributed import run_baseline
 from runtime_support import time_limit

@@ -20,7 +20,7 @@ PROMPTS = [[3, 4, 5], list(range(10, 31)), [7], [100, 101, 102, 103, 104, 105, 1
 
 def expert_slots_match_backup(eng):
     """Every expert parameter (matrices, biases, scales) of every live slot holds the named expert's."""
-    run, checked = eng._runner, set()
+    run, checked = eng._runtime.runner, set()
     for key, arr in run.params.items():
         path = tuple(int(p) if p.isdigit() else p for p in key.split("/"))
         if not is_expert_path(path):

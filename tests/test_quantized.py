@@ -94,7 +94,7 @@ def fp8(tmp_path_factory):
 
 
 def _expert_bytes(eng) -> int:
-    return sum(arr.nbytes for key, arr in eng._runner.params.items() if is_expert_path(tuple(key.split("/"))))
+    return sum(arr.nbytes for key, arr in eng._runtime.runner.params.items() if is_expert_path(tuple(key.split("/"))))
 
 
 def test_fp8_checkpoint_loads_as_published_and_matches_the_dequantized_model(fp8):
@@ -149,7 +149,7 @@ def test_fp8_model_survives_a_rank_failure_with_identical_tokens(fp8):
         assert [r.token_ids for r in out] == want
         rec = eng.stats()["recoveries"][0]
         assert rec["failed_ranks"] == [2] and rec["moved_experts"] > 0
-        slots = {k: a for k, a in eng._runner.params.items() if k.endswith("mlp/w_up")}
+        slots = {k: a for k, a in eng._runtime.runner.params.items() if k.endswith("mlp/w_up")}
         assert slots and all(a.dtype == F8 for a in slots.values())
 
 

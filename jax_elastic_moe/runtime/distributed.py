@@ -27,36 +27,28 @@ __all__ = ["run_baseline"]
 
 
 def _generate(runner, prompts, new_tokens: int, num_ranks: int):
-    """Greedy generation of `prompts` (equal lengths); returns the output tokens per prompt."""
-    import jax
+    """Greedy generation of `prompts` (equal lengths) with the engine's step programs and scheduler:
+    every process takes the same decisions and runs the same steps. Returns the tokens per prompt."""
     import numpy as np
     from jax.experimental import multihost_utils
-    b = len(prompts)
-    rows = -(-b // num_ranks) * num_ranks           # every rank gets the same number of rows
+
+    from ..scheduler import Request, SamplingParams, Scheduler
+    rows = -(-len(prompts) // num_ranks)            # every request in a slot from the start
     s = len(prompts[0])
-    tokens = np.zeros((rows, s), np.int32)
-    tokens[:b] = np.asarray(prompts, np.int32)
-    lengths = np.full(rows, s, np.int32)
-    ids = np.arange(rows, dtype=np.int32)
-    cache_len = s + new_tokens
-    sampling = runner._sampling((0, 0.0, 1.0))
+    sched = Scheduler(list(range(num_ranks)), rows, rows, max_chunk=s, cache_len=s + new_tokens)
+    reqs = [Request(i, [int(t) for t in p], SamplingParams(new_tokens)) for i, p in enumerate(prompts)]
+    sched.add(reqs)
 
     def gather(x):
         return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
-    fn = runner.prefill_fn(rows, s, cache_len)
-    nxt, cache, _ = fn(runner.params, runner.put_batch(tokens), runner.put_batch(lengths), runner.put_batch(ids),
-                       runner.log2phy, runner.active, *sampling)
-    out = [gather(nxt)]
-    decode = runner.decode_fn(rows, cache_len)
-    valid = runner.put_batch(np.ones(rows, bool))
-    for i in range(new_tokens - 1):
-        positions = runner.put_batch(np.full(rows, s + i, np.int32))
-        nxt, cache, _ = decode(runner.params, cache, nxt, positions, valid, runner.put_batch(ids), runner.log2phy,
-                               runner.active, *sampling)
-        out.append(gather(nxt))
-    jax.block_until_ready(nxt)
-    return np.stack(out, axis=1)[:b].tolist()
+    while sched.unfinished():
+        for make in (sched.decode_batch, sched.prefill_batch):
+            batch = make()
+            if batch is not None:
+                nxt, _ = runner.run(batch.shape, batch.rows, fetch=gather)
+                sched.commit(batch, nxt)
+    return [r.out for r in reqs]
 
 
 def _rank_main(spec_path: str, rank: int, port: int) -> int:
@@ -69,7 +61,7 @@ def _rank_main(spec_path: str, rank: int, port: int) -> int:
     n = int(spec["num_ranks"])
     jax.distributed.initialize(f"127.0.0.1:{port}", n, rank, initialization_timeout=120)
     from ..config import from_hf_dict, read_config_dict
-    from ..engine import DTYPES, resolve_preset
+    from ..config import DTYPES, resolve_preset
     from ..model.loader import random_params
     from ..placement import Placement
     from .spmd import SpmdRunner
@@ -148,8 +140,8 @@ def main(argv=None) -> int:
     ap.add_argument("--rank", type=int, required=True)
     ap.add_argument("--port", type=int, required=True)
     args = ap.parse_args(argv)
-    from .loopback import die_with_parent
-    die_with_parent()
+    from .worker import watch_parent
+    watch_parent(os.getppid())
     return _rank_main(args.spec, args.rank, args.port)
 
 

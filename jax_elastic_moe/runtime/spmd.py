@@ -255,9 +255,10 @@ class SpmdRunner:
         return {s: self._compiled[s] for s in shapes}
 
     # -- running steps ------------------------------------------------------------------------------
-    def run(self, shape: StepShape, rows: dict, seq: int = 0):
+    def run(self, shape: StepShape, rows: dict, seq: int = 0, fetch=np.asarray):
         """One step: rows = ROW_INPUTS name -> numpy [N' * shape.rows (, chunk)]; the KV cache (made
-        on first use) is updated in place. Returns (next tokens numpy [N' * rows], counts [Lm, E])."""
+        on first use) is updated in place. Returns (next tokens numpy [N' * rows], counts [Lm, E]);
+        fetch turns the sharded tokens into numpy (over processes: an allgather)."""
         if self.cache is None or self.cache_rows_per_rank != shape.slots:
             make = jax.jit(lambda: empty_cache(self.graphdef, self._variables, shape.slots * self.num_ranks,
                                                shape.cache_len), out_shardings=self._sharding(batch_spec()))
@@ -265,7 +266,7 @@ class SpmdRunner:
         fn = self.step_fn(shape)
         nxt, self.cache, counts = fn(self.params, self.cache, *[self.put_batch(a) for a in rows.values()],
                                      self.log2phy, self.active, np.int32(seq))
-        return np.asarray(nxt), np.asarray(counts)
+        return fetch(nxt), np.asarray(counts.addressable_data(0))
 
     # -- placement ------------------------------------------------------------------------------
     def set_placement(self, new: Placement):
