@@ -108,9 +108,25 @@ def _req(d: dict, *names, default=None, required=True):
 
 
 def _positive_int(name, v):
-    if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-        raise ConfigError(f"config field {name} must be a positive integer, got {v!r}")
+    return _int(name, v, 1)
+
+
+def _int(name: str, v, minimum: int = 0) -> int:
+    """An int field (not a bool, not a float such as 12.7) >= minimum, or a ConfigError naming it."""
+    if not isinstance(v, int) or isinstance(v, bool):
+        raise ConfigError(f"config field {name} must be an integer, got {v!r}")
+    if v < minimum:
+        raise ConfigError(f"config field {name} must be >= {minimum}, got {v!r}")
     return v
+
+
+def _float(name: str, v, minimum: float | None = None, positive: bool = False) -> float:
+    """A finite number field (> 0 when positive, >= minimum), or a ConfigError naming it."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise ConfigError(f"config field {name} must be a finite number, got {v!r}")
+    if (positive and v <= 0) or (minimum is not None and v < minimum):
+        raise ConfigError(f"config field {name} must be {'> 0' if positive else f'>= {minimum}'}, got {v!r}")
+    return float(v)
 
 
 # gpt-oss's rope when its config names none (transformers' GptOssConfig defaults).
@@ -148,7 +164,7 @@ def _quantization(d: dict, mt: str) -> dict:
 
 def _sigmoid_grouped(d: dict, mt: str, layers: int, experts: int, topk: int, moe_inter: int) -> dict:
     """Router, shared experts and dense first layers of DeepSeek-V3 / V3.2 and GLM-4.5."""
-    n_group, topk_group = int(d.get("n_group") or 1), int(d.get("topk_group") or 1)
+    n_group, topk_group = _int("n_group", d.get("n_group") or 1, 1), _int("topk_group", d.get("topk_group") or 1, 1)
     if experts % n_group:
         raise ConfigError(f"n_routed_experts={experts} is not a multiple of n_group={n_group}")
     if topk_group > n_group:
@@ -162,22 +178,23 @@ def _sigmoid_grouped(d: dict, mt: str, layers: int, experts: int, topk: int, moe
                               f"got {kinds!r}")
         moe_layers = tuple(k == "sparse" for k in kinds)
     else:
-        first_dense = int(d.get("first_k_dense_replace", 0))
+        first_dense = _int("first_k_dense_replace", d.get("first_k_dense_replace", 0))
         moe_layers = tuple(i >= first_dense for i in range(layers))
     shared = d.get("n_shared_experts", 1 if mt == "glm4_moe" else 0)
     return dict(moe_layers=moe_layers, router="sigmoid_grouped", norm_topk_prob=bool(d.get("norm_topk_prob", True)),
-                routed_scaling_factor=float(d.get("routed_scaling_factor", 1.0)), n_group=n_group,
-                topk_group=topk_group, shared_intermediate_size=moe_inter * int(shared or 0))
+                routed_scaling_factor=_float("routed_scaling_factor", d.get("routed_scaling_factor", 1.0), positive=True), n_group=n_group,
+                topk_group=topk_group, shared_intermediate_size=moe_inter * _int("n_shared_experts", shared or 0))
 
 
 def _mla(d: dict, mt: str) -> dict:
     """Multi-head latent attention fields (DeepSeek-V3 / V3.2), with V3.2's indexer."""
     q_lora = d.get("q_lora_rank")
     out = dict(attention="mla", qkv_bias=bool(d.get("attention_bias", False)),
-               o_bias=bool(d.get("attention_bias", False)), q_lora_rank=int(q_lora) if q_lora else None,
+               o_bias=bool(d.get("attention_bias", False)), q_lora_rank=_positive_int("q_lora_rank", q_lora) if q_lora else None,
                kv_lora_rank=_positive_int("kv_lora_rank", _req(d, "kv_lora_rank")),
-               qk_nope_head_dim=int(_req(d, "qk_nope_head_dim")), qk_rope_head_dim=int(_req(d, "qk_rope_head_dim")),
-               v_head_dim=int(_req(d, "v_head_dim")), rope_interleave=bool(d.get("rope_interleave", True)))
+               qk_nope_head_dim=_positive_int("qk_nope_head_dim", _req(d, "qk_nope_head_dim")),
+               qk_rope_head_dim=_positive_int("qk_rope_head_dim", _req(d, "qk_rope_head_dim")),
+               v_head_dim=_positive_int("v_head_dim", _req(d, "v_head_dim")), rope_interleave=bool(d.get("rope_interleave", True)))
     if mt == "deepseek_v32":
         if not q_lora:
             raise ConfigError("deepseek_v32 needs q_lora_rank (its indexer reads the query latent)")
@@ -203,8 +220,8 @@ def _gpt_oss(d: dict, layers: int) -> dict:
     bias = bool(d.get("attention_bias", True))
     return dict(moe_layers=(True,) * layers, router="topk_softmax", norm_topk_prob=True, qkv_bias=bias,
                 o_bias=bias, sliding_window=window, sliding_layers=sliding, attn_sinks=True,
-                expert_act="clamped_swiglu", expert_bias=True, swiglu_alpha=float(d.get("swiglu_alpha", 1.702)),
-                swiglu_limit=float(d.get("swiglu_limit", 7.0)))
+                expert_act="clamped_swiglu", expert_bias=True, swiglu_alpha=_float("swiglu_alpha", d.get("swiglu_alpha", 1.702), positive=True),
+                swiglu_limit=_float("swiglu_limit", d.get("swiglu_limit", 7.0), positive=True))
 
 
 def from_hf_dict(d: dict) -> ModelConfig:
@@ -226,19 +243,19 @@ def from_hf_dict(d: dict) -> ModelConfig:
         raise ConfigError(f"num_experts_per_tok={topk} exceeds the {experts} experts")
     inter = _positive_int("intermediate_size", _req(d, "intermediate_size"))
     moe_inter = _positive_int("moe_intermediate_size", _req(d, "moe_intermediate_size", default=inter))
-    head_dim = d.get("head_dim") or hidden // heads
+    head_dim = _positive_int("head_dim", d["head_dim"]) if d.get("head_dim") is not None else hidden // heads
 
     rope = dict(d.get("rope_parameters") or {})
     if d.get("rope_scaling"):
         rope.update(d["rope_scaling"])
     if mt == "gpt_oss" and not rope:
         rope = dict(GPT_OSS_ROPE)
-    theta = float(rope.get("rope_theta", d.get("rope_theta", 10000.0)))
+    theta = _float("rope_theta", rope.get("rope_theta", d.get("rope_theta", 10000.0)), positive=True)
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type not in ("default", "yarn"):
         raise ConfigError(f"rope type {rope_type!r} is not supported (default, yarn)")
-    partial = float(rope.get("partial_rotary_factor", d.get("partial_rotary_factor",
-                                                             0.5 if mt == "glm4_moe" else 1.0)))
+    partial = _float("partial_rotary_factor", rope.get("partial_rotary_factor", d.get(
+        "partial_rotary_factor", 0.5 if mt == "glm4_moe" else 1.0)), positive=True)
     rotary_dim = int(head_dim * partial)
     if partial != 1.0 and (mt not in ("glm4_moe", "mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss")
                            or not 0 < rotary_dim <= head_dim or rotary_dim % 2):
@@ -251,17 +268,21 @@ def from_hf_dict(d: dict) -> ModelConfig:
         if "factor" not in dict(scaling) or "original_max_position_embeddings" not in dict(scaling):
             raise ConfigError("yarn rope scaling needs factor and original_max_position_embeddings")
 
+    vocab = _positive_int("vocab_size", _req(d, "vocab_size"))
     eos = d.get("eos_token_id")
-    eos = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (int(eos),))
+    eos = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (eos,))
+    for t in eos:
+        if _int("eos_token_id", t) >= vocab:
+            raise ConfigError(f"config field eos_token_id {t} is outside the vocabulary [0, {vocab})")
     common = dict(
-        model_type=mt, vocab_size=_positive_int("vocab_size", _req(d, "vocab_size")), hidden_size=hidden,
-        num_layers=layers, num_heads=heads, num_kv_heads=kv_heads, head_dim=int(head_dim),
+        model_type=mt, vocab_size=vocab, hidden_size=hidden,
+        num_layers=layers, num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim,
         intermediate_size=inter, moe_intermediate_size=moe_inter, num_experts=experts,
         num_experts_per_tok=topk, rope_theta=theta, rope_scaling=scaling,
-        max_position_embeddings=int(d.get("max_position_embeddings", 4096)),
-        rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
+        max_position_embeddings=_positive_int("max_position_embeddings", d.get("max_position_embeddings", 4096)),
+        rms_norm_eps=_float("rms_norm_eps", d.get("rms_norm_eps", 1e-6), positive=True),
         tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
-        initializer_range=float(d.get("initializer_range", 0.02)), eos_token_id=eos,
+        initializer_range=_float("initializer_range", d.get("initializer_range", 0.02), 0.0), eos_token_id=eos,
         bos_token_id=d.get("bos_token_id"), rotary_dim=rotary_dim if partial != 1.0 else 0,
         **_quantization(d, mt))
 
@@ -271,7 +292,7 @@ def from_hf_dict(d: dict) -> ModelConfig:
     if mt in ("qwen2_moe", "qwen3_moe"):
         if d.get("use_sliding_window"):
             raise ConfigError(f"{mt}: use_sliding_window=true is not supported")
-        step = int(d.get("decoder_sparse_step", 1))
+        step = _int("decoder_sparse_step", d.get("decoder_sparse_step", 1))
         if step < 1:
             raise ConfigError(f"decoder_sparse_step must be >= 1, got {step}")
         mlp_only = set(d.get("mlp_only_layers") or [])
@@ -279,7 +300,7 @@ def from_hf_dict(d: dict) -> ModelConfig:
         extra = dict(norm_topk_prob=bool(d.get("norm_topk_prob", False)))
         if mt == "qwen2_moe":
             extra.update(qkv_bias=bool(d.get("qkv_bias", True)),
-                         shared_intermediate_size=int(d.get("shared_expert_intermediate_size") or 0),
+                         shared_intermediate_size=_int("shared_expert_intermediate_size", d.get("shared_expert_intermediate_size") or 0),
                          shared_expert_gate=bool(d.get("shared_expert_intermediate_size")))
         else:
             extra.update(qkv_bias=bool(d.get("attention_bias", False)), o_bias=bool(d.get("attention_bias", False)),

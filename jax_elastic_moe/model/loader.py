@@ -166,6 +166,9 @@ def _weight(cfg: ModelConfig, idx: "_TensorIndex", name: str, keep_fp8: bool = F
     t = idx.get(name)
     if t is None:
         raise CheckpointError(f"missing tensor {name}")
+    if not jax.numpy.issubdtype(t.dtype, jax.numpy.floating):
+        raise CheckpointError(f"tensor {name} has dtype {t.dtype}; weights must be floating point (float32, "
+                              f"bfloat16, float16), or float8_e4m3fn with block scales")
     if t.dtype != FP8:
         return t
     if cfg.quant_method != "fp8":
