@@ -73,7 +73,7 @@ def test_thread_built_engine_kill_during_compile_restart_from_thread_and_drop():
         raise
     live = [p for p in pids if alive(p)]
     t = time.monotonic()
-    del eng, killer
+    del eng, killer, kill_when_compiling      # the function holds the engine as its default argument
     gc.collect()
     while any(alive(p) for p in live) and time.monotonic() < t + 10:
         time.sleep(0.05)

@@ -4,8 +4,9 @@ An SPMD program names mesh positions, never devices, so a step compiled for one 
 serialized (`Portable`) and loaded onto any other set of the same size with its device ids remapped:
 one compile per mesh size, then ~0.06 s per program to load, against ~1.2 s to compile. In the
 background, `FallbackPrograms` compiles every step shape for the mesh sizes up to `depth` failures
-away and loads them onto the survivor sets one failure away, then two or more away while under a
-budget; a set not loaded in advance is loaded when its failure comes. Programs of survivor sets that
+away and loads the decode step onto the survivor sets one failure away, then two or more away while
+under a budget; a set not loaded in advance is loaded when its failure comes, and the prefill steps
+load when first used. Programs of survivor sets that
 no failure can leave any more are freed only while the engine is idle (a free holds the GIL ~15 ms).
 
 The private JAX modules used here (`jax._src.compiler`, `serialize_executable._JaxPjrtUnpickler`)
@@ -130,6 +131,11 @@ class FallbackPrograms:
                     return True
             return False
 
+        # loaded ahead per survivor set: the decode step only (what the survivors run first); the
+        # prefill shapes load from the same Portable programs when first used (~0.06 s each): every
+        # loaded XLA:CPU executable holds memory mappings, and the budget goes further this way
+        first = [s for s in shapes if getattr(s, "kind", None) == "decode"] or list(shapes)
+
         def work():
             sizes = [m for m in range(1, depth + 1) if not cancel.is_set() and prepare_size(m)]
             budget = self.budget
@@ -145,7 +151,7 @@ class FallbackPrograms:
                         break
                     keep = frozenset(alive) - set(dead)
                     if keep not in self.loaded:
-                        got = self.load(sorted(keep), shapes)
+                        got = self.load(sorted(keep), first)
                         if got is None:
                             break
                         self.loaded[keep] = got
@@ -168,14 +174,29 @@ class FallbackPrograms:
             return None
 
     def take(self, keep: list[int], shapes: list) -> dict | None:
-        """At a failure: the programs for survivors `keep` (loaded now if not ready); the background
-        work stops, and programs of sets outside `keep` become stale."""
+        """At a failure: the decode program for survivors `keep` (loaded now if not ready; None when
+        this mesh size has no programs); the background work stops, and programs of sets outside
+        `keep` become stale. loader_for(keep) loads the other shapes when first used."""
         self._cancel.set()
         got = self.loaded.pop(frozenset(keep), None)
         if got is None:
-            got = self.load(keep, shapes)
+            got = self.load(keep, [s for s in shapes if getattr(s, "kind", None) == "decode"] or shapes)
         self.stale += [self.loaded.pop(k) for k in list(self.loaded) if not k <= set(keep)]
         return got
+
+    def loader_for(self, keep: list[int]):
+        """name -> that program loaded onto the devices of `keep`, or None (then it is compiled)."""
+        ready, devices = self.portable.get(len(keep), {}), [self.devices[r] for r in keep]
+
+        def load(name):
+            if name not in ready:
+                return None
+            try:
+                return ready[name].load(devices)
+            except Exception as e:
+                warnings.warn(f"a precompiled step could not be loaded onto new devices ({e!r}); compiling")
+                return None
+        return load
 
     def wait(self) -> int:
         if self._thread is not None:

@@ -66,6 +66,7 @@ class SpmdRunner:
         self.params = params
         self.cache = None               # list of per-layer dicts of [N' * seqs, L, ...] arrays
         self._compiled = {}
+        self.loader = None              # name -> a program loaded from another mesh of this size, or None
         self._pending: dict = {}
         self._lock = threading.Lock()
         self.log2phy = self.put_replicated(placement.log2phy)
@@ -190,7 +191,8 @@ class SpmdRunner:
             pending.wait()
             return self._compiled[name]
         try:
-            compiled = fn.lower(*abstract_args).compile()
+            # a program compiled for another mesh of this size, loaded here; else compiled
+            compiled = (self.loader(name) if self.loader is not None else None) or fn.lower(*abstract_args).compile()
             with self._lock:
                 self._compiled[name] = compiled
         finally:
@@ -381,6 +383,8 @@ class SpmdRuntime:
         load_s = time.perf_counter() - t
         runner, moves = self.runner.survivors([self.live.index(r) for r in keep], compact(placement, alive),
                                               self.backup, compiled)
+        if compiled is not None:        # the other shapes load from the same programs when first used
+            runner.loader = self.fallbacks.loader_for(keep)
         self.runner, self.live = runner, keep
         compile_s = load_s if compiled is not None else self.prepare(self.shapes) if self.shapes else 0.0
         return Applied(moves, compile_s, compiled is not None, runner.cache is not None)
