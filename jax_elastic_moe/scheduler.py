@@ -72,12 +72,13 @@ class Batch:
     requests: list                      # (global row, Request) with a token to take from this step
 
 
-def chunk_buckets(max_chunk: int, smallest: int = 16) -> tuple[int, ...]:
-    """Prefill chunk sizes compiled: powers of 4 times `smallest` below max_chunk, then max_chunk."""
+def chunk_buckets(max_chunk: int, smallest: int = 32) -> tuple[int, ...]:
+    """Prefill chunk sizes compiled: powers of 2 times `smallest` below max_chunk, then max_chunk (a
+    prompt pads to at most twice its length; each size is one program per row count)."""
     sizes, c = [], smallest
     while c < max_chunk:
         sizes.append(c)
-        c *= 4
+        c *= 2
     return tuple(sizes) + (max_chunk,)
 
 

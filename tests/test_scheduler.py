@@ -30,8 +30,8 @@ def run_fake(sched, until=1000):
 
 
 def test_chunk_buckets():
-    assert chunk_buckets(256) == (16, 64, 256)
-    assert chunk_buckets(100) == (16, 64, 100)
+    assert chunk_buckets(256) == (32, 64, 128, 256)
+    assert chunk_buckets(100) == (32, 64, 100)
     assert chunk_buckets(16) == (16,)
 
 
