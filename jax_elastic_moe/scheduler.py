@@ -127,8 +127,14 @@ class Scheduler:
         """The ranks of the new epoch; requests whose slots were on other ranks go back to the front
         of the queue (oldest first) with their tokens so far. Returns them."""
         self.live = list(live)
-        gone = sorted((r for (rank, _), r in self.slots.items() if rank not in self.live), key=lambda r: r.id)
-        self.slots = {k: r for k, r in self.slots.items() if k[0] in self.live}
+        return self._requeue([k for k in self.slots if k[0] not in self.live])
+
+    def evict_all(self) -> list[Request]:
+        """Every request back to the queue (the caches were lost)."""
+        return self._requeue(list(self.slots))
+
+    def _requeue(self, keys: list) -> list[Request]:
+        gone = sorted((self.slots.pop(k) for k in keys), key=lambda r: r.id)
         now = time.perf_counter()
         for r in reversed(gone):
             r.rank = r.slot = None
@@ -136,13 +142,6 @@ class Scheduler:
             r.requeued_at = now
             self.waiting.appendleft(r)
         self.requeued += len(gone)
-        return gone
-
-    def evict_all(self) -> list[Request]:
-        """Every request back to the queue (the caches were lost)."""
-        live, self.live = self.live, []
-        gone = self.set_live([])
-        self.live = live
         return gone
 
     def _admit(self):

@@ -59,7 +59,7 @@ class ServingLoop:
                     raise
                 self.recover(f)
         sched.add(reqs)
-        step, retries, recovered = 0, 0, False
+        step, retries, background = 0, 0, True
         self._last_good = time.perf_counter()
         while sched.unfinished():
             try:
@@ -74,13 +74,14 @@ class ServingLoop:
                     self._good_step(made)
                     if bar is not None:
                         bar.update(made)
-                    if not recovered:       # the next failures' programs: never right after a recovery
-                        self.runtime.after_good_step(self._decide_for)
+                    if background:          # the next failures' programs: once per call, after its
+                        self.runtime.after_good_step(self._decide_for)   # first good step, never after a recovery
+                        background = False
                 retries = 0
             except RankFailure as f:
                 if f.ranks:
                     self.recover(f)
-                    recovered = True
+                    background = False
                     continue
                 # a step timed out with every rank alive (compute skew): run it again with the peer
                 # tables re-installed (a transport marks a peer failed after a timed-out write)

@@ -124,10 +124,11 @@ class SpmdRunner:
         widened = np.full((placement.num_layers, self.placement.num_slots), -1, np.int32)
         cols = np.nonzero(np.repeat(alive, spr))[0]
         widened[:, cols] = placement.phy2log
-        moves = plan_moves(self.placement.phy2log, widened, spr, alive)
         stats = {"kept": 0, "local": 0, "peer": 0, "backup": 0}
-        for mv in moves:
+        by_layer: dict[int, list] = {}
+        for mv in plan_moves(self.placement.phy2log, widened, spr, alive):
             stats[mv.kind] += 1
+            by_layer.setdefault(mv.layer, []).append(mv)
         params = {}
         for path, _ in self._variables:
             key = key_of(path)
@@ -139,9 +140,7 @@ class SpmdRunner:
             # slots go through host memory: a copy, no compilation on the recovery path
             local = {r: np.asarray(shards[self.devices[r]]) for r in keep}
             blocks = {r: np.zeros_like(local[r]) for r in keep}
-            for mv in moves:
-                if mv.layer != m:
-                    continue
+            for mv in by_layer.get(m, []):
                 r, j = divmod(mv.slot, spr)
                 blocks[r][j] = (backup[path][mv.expert] if mv.kind == "backup"
                                 else local[mv.source // spr][mv.source % spr])
