@@ -1,12 +1,13 @@
 """The scheduler: every request's state, and continuous batching over fixed slots.
 
 Each live rank has `seqs_per_rank` KV-cache slots (data-parallel attention: a request's cache lives
-on one rank). A step of the engine is up to two programs of fixed shapes:
+on one rank). A step of the engine is one program of a fixed shape (runtime/step.py):
 
   decode   one token for every running request (every slot of every live rank; idle slots padded)
   prefill  a chunk of up to `chunk` context tokens for up to `prefill_rows` requests per rank, the
-           chunk size and the row count bucketed (a few compiled shapes), so running requests keep
-           decoding while a long prompt is prefilled
+           chunk size and the row count bucketed (a few compiled shapes), and in the same step one
+           token for every running request: running requests keep decoding while a long prompt is
+           prefilled, and a newly admitted request costs its chunks, not extra steps
 
 Requests are admitted into free slots as others finish ("continuous"), or only when every slot is
 free ("static": the old batch-at-a-time behaviour, a policy here, not a second code path). A failure
@@ -68,8 +69,8 @@ class Request:
 class Batch:
     """The numpy inputs of one step over the live ranks (rank-major: rows of live[i] first)."""
     shape: StepShape
-    rows: dict                          # ROW_INPUTS name -> [live * shape.rows (, chunk)] array
-    requests: list                      # (global row, Request) with a token to take from this step
+    rows: dict                          # step.input_rows name -> [live * its rows (, chunk)] array
+    requests: list                      # (row of the step's next tokens, Request[, prefill tokens])
 
 
 def chunk_buckets(max_chunk: int, smallest: int = 32) -> tuple[int, ...]:
@@ -157,43 +158,71 @@ class Scheduler:
             self.slots[(rank, r.slot)] = r
 
     # -- steps ----------------------------------------------------------------------------------
-    def _empty_rows(self, rows: int, chunk: int, slot_default) -> dict:
+    def _empty_rows(self, prefix: str, rows: int, chunk: int, slot_default) -> dict:
         n = len(self.live) * rows
-        out = {name: np.zeros((n, chunk) if chunked else (n,), np.dtype(dtype))
+        out = {prefix + name: np.zeros((n, chunk) if chunked else (n,), np.dtype(dtype))
                for name, (dtype, chunked) in ROW_INPUTS.items()}
-        out["positions"][:] = self.cache_len           # padding: cache writes dropped
-        out["slot"][:] = slot_default
-        out["top_p"][:] = 1.0
+        out[prefix + "positions"][:] = self.cache_len           # padding: cache writes dropped
+        out[prefix + "slot"][:] = slot_default
+        out[prefix + "top_p"][:] = 1.0
         return out
 
     @staticmethod
-    def _sampling(rows: dict, i: int, r: Request):
-        rows["seeds"][i] = r.params.seed
-        rows["sample_ids"][i] = r.sample_id
-        rows["temperature"][i] = r.params.temperature
-        rows["top_p"][i] = r.params.top_p
+    def _sampling(rows: dict, prefix: str, i: int, r: Request):
+        rows[prefix + "seeds"][i] = r.params.seed
+        rows[prefix + "sample_ids"][i] = r.sample_id
+        rows[prefix + "temperature"][i] = r.params.temperature
+        rows[prefix + "top_p"][i] = r.params.top_p
 
-    def decode_batch(self) -> Batch | None:
-        """One token for every request whose context is in its cache."""
-        running = [(k, r) for k, r in self.slots.items() if r.cached >= r.target]
-        if not running:
-            return None
+    def next_batch(self) -> Batch | None:
+        """The next step, after admitting what fits: while some request is prefilling, a prefill step
+        (the next chunk of up to prefill_rows of them per rank, and a token for every running
+        request); else a decode step (a token for every running request); None when nothing runs."""
+        self._admit()
         s = self.seqs_per_rank
-        rows = self._empty_rows(s, 1, 0)
-        rows["slot"][:] = np.tile(np.arange(s, dtype=np.int32), len(self.live))
+        running = [(k, r) for k, r in self.slots.items() if r.cached >= r.target]
+        plan = self._prefill_plan()
+        if plan is None:
+            if not running:
+                return None
+            rows, taken = self._decode_rows("", running, s, 0)
+            return Batch(StepShape("decode", s, 1, s, self.cache_len), rows, taken)
+        per_rank, p, chunk, attend = plan
+        rows, taken = self._decode_rows("decode_", running, p + s, p)
+        rows.update(self._empty_rows("", p, chunk, s))
+        for rank, rs in per_rank.items():
+            li = self.live.index(rank)
+            for k, r in enumerate(rs):
+                i = li * p + k
+                n = min(chunk, r.target - r.cached)
+                rows["tokens"][i, :n] = r.context[r.cached:r.cached + n]
+                rows["positions"][i, :n] = np.arange(r.cached, r.cached + n)
+                rows["valid"][i, :n] = True
+                rows["slot"][i] = r.slot
+                rows["last"][i] = n - 1
+                self._sampling(rows, "", i, r)
+                taken.append((li * (p + s) + k, r, n))
+        return Batch(StepShape("prefill", p, chunk, s, self.cache_len, attend), rows, taken)
+
+    def _decode_rows(self, prefix: str, running: list, width: int, offset: int) -> tuple[dict, list]:
+        """The decode group: one row per cache slot of every live rank, the running requests' last
+        tokens in theirs. A slot's next token is row live index * width + offset + slot of the step."""
+        s = self.seqs_per_rank
+        rows = self._empty_rows(prefix, s, 1, 0)
+        rows[prefix + "slot"][:] = np.tile(np.arange(s, dtype=np.int32), len(self.live))
         taken = []
         for (rank, j), r in running:
-            i = self.live.index(rank) * s + j
-            rows["tokens"][i, 0] = r.out[-1]
-            rows["positions"][i, 0] = len(r.context) - 1
-            rows["valid"][i, 0] = True
-            self._sampling(rows, i, r)
-            taken.append((i, r))
-        return Batch(StepShape("decode", s, 1, s, self.cache_len), rows, taken)
+            li = self.live.index(rank)
+            i = li * s + j
+            rows[prefix + "tokens"][i, 0] = r.out[-1]
+            rows[prefix + "positions"][i, 0] = len(r.context) - 1
+            rows[prefix + "valid"][i, 0] = True
+            self._sampling(rows, prefix, i, r)
+            taken.append((li * width + offset + j, r))
+        return rows, taken
 
-    def prefill_batch(self) -> Batch | None:
-        """Admits what fits, then the next chunk of up to prefill_rows prefilling requests per rank."""
-        self._admit()
+    def _prefill_plan(self):
+        """(requests per rank, rows per rank, chunk, attend) of the next prefill chunk, or None."""
         waiting = sorted((r for r in self.slots.values() if r.cached < r.target), key=lambda r: r.id)
         if not waiting:
             return None
@@ -203,28 +232,12 @@ class Scheduler:
         for r in waiting:
             if (r.cached == 0) == first and len(per_rank.setdefault(r.rank, [])) < self.prefill_rows:
                 per_rank[r.rank].append(r)
-        chosen = [r for rs in per_rank.values() for r in rs]
         p = next(b for b in self.row_buckets if b >= max(len(rs) for rs in per_rank.values()))
         if first:                                   # first chunks: attend to the chunk's own positions
-            need = max(r.target for r in chosen)
+            need = max(r.target for rs in per_rank.values() for r in rs)
             chunk = next((c for c in self.buckets if c >= need), self.buckets[-1])
-            attend = chunk
-        else:
-            chunk, attend = self.buckets[-1], 0
-        rows = self._empty_rows(p, chunk, self.seqs_per_rank)
-        taken = []
-        for rank, rs in per_rank.items():
-            for k, r in enumerate(rs):
-                i = self.live.index(rank) * p + k
-                n = min(chunk, r.target - r.cached)
-                rows["tokens"][i, :n] = r.context[r.cached:r.cached + n]
-                rows["positions"][i, :n] = np.arange(r.cached, r.cached + n)
-                rows["valid"][i, :n] = True
-                rows["slot"][i] = r.slot
-                rows["last"][i] = n - 1
-                self._sampling(rows, i, r)
-                taken.append((i, r, n))
-        return Batch(StepShape("prefill", p, chunk, self.seqs_per_rank, self.cache_len, attend), rows, taken)
+            return per_rank, p, chunk, chunk
+        return per_rank, p, self.buckets[-1], 0
 
     def commit(self, batch: Batch, next_tokens: np.ndarray, now: float | None = None) -> int:
         """Applies a step's results (only after the step succeeded); returns the tokens made."""
@@ -232,7 +245,7 @@ class Scheduler:
         made = 0
         for item in batch.requests:
             i, r = item[0], item[1]
-            if batch.shape.kind == "prefill":
+            if len(item) == 3:                      # (row, request, tokens) of a prefill chunk
                 r.cached += item[2]
                 if r.cached < r.target:
                     continue

@@ -64,10 +64,8 @@ class ServingLoop:
         while sched.unfinished():
             try:
                 self._due_failures(step)
-                for make in (sched.decode_batch, sched.prefill_batch):     # admits into slots freed by decode
-                    batch = make()
-                    if batch is None:
-                        continue
+                batch = sched.next_batch()              # admits into the slots the last step freed
+                if batch is not None:
                     nxt, counts = getattr(self.runtime, batch.shape.kind)(batch)
                     made = sched.commit(batch, nxt)
                     self.loads.append(counts)

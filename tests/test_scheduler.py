@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import jax_elastic_moe as jem
+from jax_elastic_moe.runtime.step import out_rows
 from jax_elastic_moe.scheduler import Request, SamplingParams, Scheduler, chunk_buckets
 from runtime_support import COUNTER
 
@@ -14,18 +15,21 @@ def req(i, n_prompt, new=4, stops=()):
     return Request(i, list(range(2, 2 + n_prompt)), SamplingParams(new, stop_token_ids=frozenset(stops)))
 
 
+def step_fake(sched):
+    """One step of a fake model whose next token is always 7: (kind, ids prefilled, ids decoded)."""
+    batch = sched.next_batch()
+    sched.commit(batch, np.full(len(sched.live) * out_rows(batch.shape), 7))
+    return (batch.shape.kind, {it[1].id for it in batch.requests if len(it) == 3},
+            {it[1].id for it in batch.requests if len(it) == 2})
+
+
 def run_fake(sched, until=1000):
-    """Drives the scheduler with a fake model whose next token is always 7; returns the steps taken
-    as (kind, request ids)."""
+    """Drives the scheduler with the fake model to the end; returns its steps (step_fake)."""
     steps = []
     for _ in range(until):
         if not sched.unfinished():
             return steps
-        for make in (sched.decode_batch, sched.prefill_batch):
-            batch = make()
-            if batch is not None:
-                steps.append((batch.shape.kind, [item[1].id for item in batch.requests]))
-                sched.commit(batch, np.full(len(batch.rows["tokens"]), 7))
+        steps.append(step_fake(sched))
     raise AssertionError("the scheduler did not finish")
 
 
@@ -41,9 +45,9 @@ def test_continuous_admits_as_requests_finish_and_static_waits_for_all():
         s.add([req(0, 3, new=2), req(1, 3, new=9), req(2, 3, new=2)])
         steps = run_fake(s)
         # request 2 waits for a slot; was it prefilled while request 1 still decoded?
-        first_prefill_of_2 = next(i for i, (k, ids) in enumerate(steps) if k == "prefill" and 2 in ids)
-        last_decode_of_1 = max(i for i, (k, ids) in enumerate(steps) if k == "decode" and 1 in ids)
-        return first_prefill_of_2 < last_decode_of_1
+        first_prefill_of_2 = next(i for i, (_, pre, _) in enumerate(steps) if 2 in pre)
+        last_decode_of_1 = max(i for i, (_, _, dec) in enumerate(steps) if 1 in dec)
+        return first_prefill_of_2 <= last_decode_of_1
     assert admitted_while_running("continuous")
     assert not admitted_while_running("static")
 
@@ -52,10 +56,11 @@ def test_long_prompt_is_prefilled_in_chunks_while_others_decode():
     s = Scheduler([0], seqs_per_rank=2, prefill_rows=1, max_chunk=16, cache_len=128)
     s.add([req(0, 3, new=8), req(1, 50, new=2)])
     steps = run_fake(s)
-    prefills_of_1 = [i for i, (k, ids) in enumerate(steps) if k == "prefill" and 1 in ids]
+    prefills_of_1 = [(kind, dec) for kind, pre, dec in steps if 1 in pre]
     assert len(prefills_of_1) == 4                         # 50 tokens in chunks of at most 16
-    decodes_of_0 = [i for i, (k, ids) in enumerate(steps) if k == "decode" and 0 in ids]
-    assert any(prefills_of_1[0] < d < prefills_of_1[-1] for d in decodes_of_0)
+    # request 0 (prefilled first, alone) decodes in the same steps as each chunk of request 1
+    assert all(kind == "prefill" and 0 in dec for kind, dec in prefills_of_1)
+    assert len(steps) == 1 + 7                             # its 8 tokens, the first with its prefill
 
 
 def test_finish_by_stop_token_or_own_length_frees_the_slot_at_once():
@@ -71,9 +76,7 @@ def test_a_failure_requeues_only_the_dead_ranks_requests():
     s = Scheduler([0, 1, 2], seqs_per_rank=2, prefill_rows=2, max_chunk=16, cache_len=64)
     reqs = [req(i, 3, new=5) for i in range(6)]
     s.add(reqs)
-    for make in (s.prefill_batch, s.decode_batch):
-        batch = make()
-        s.commit(batch, np.full(len(batch.rows["tokens"]), 7))
+    assert [step_fake(s)[0] for _ in range(2)] == ["prefill", "decode"]
     on_1 = [r for r in reqs if r.rank == 1]
     kept = {r.id: (r.rank, r.slot, r.cached) for r in reqs if r.rank != 1}
     gone = s.set_live([0, 2])
@@ -87,10 +90,18 @@ def test_a_failure_requeues_only_the_dead_ranks_requests():
 def test_rows_are_laid_out_by_rank_and_padding_is_dropped():
     s = Scheduler([3, 5], seqs_per_rank=2, prefill_rows=1, max_chunk=16, cache_len=32)
     s.add([req(0, 20)])
-    b = s.prefill_batch()
+    b = s.next_batch()
     assert b.shape.chunk == 16 and b.rows["tokens"].shape == (2, 16)
     assert b.rows["valid"][0].all() and not b.rows["valid"][1].any()
     assert (b.rows["positions"][1] == 32).all() and b.rows["slot"][1] == 2      # writes dropped
+    # the decode group: one row per slot of each rank, all padding (nothing runs yet)
+    assert b.rows["decode_tokens"].shape == (4, 1) and not b.rows["decode_valid"].any()
+    assert (b.rows["decode_positions"] == 32).all() and list(b.rows["decode_slot"]) == [0, 1, 0, 1]
+    for _ in range(2):                                     # the chunks of 16 and 4 tokens; 0 comes next
+        s.commit(b, np.arange(2 * out_rows(b.shape)))
+        b = s.next_batch()
+    d = b                                                  # rank 3's slot 0 decodes: next row 0
+    assert d.shape.kind == "decode" and [it[0] for it in d.requests] == [0] and d.rows["tokens"][0, 0] == 0
 
 
 # -- the engine ------------------------------------------------------------------------------------

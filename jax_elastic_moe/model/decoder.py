@@ -1,6 +1,8 @@
 """The decoder of every family: embeddings, a stack of (attention, dense MLP or MoE) layers, final norm, LM head."""
 from __future__ import annotations
 
+import itertools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -20,6 +22,22 @@ class DecoderLayer(nnx.Module):
         self.is_moe = cfg.moe_layers[layer]
         self.mlp = (MoEBlock(cfg, num_slots, dtype, rngs) if self.is_moe
                     else MLP(cfg.hidden_size, cfg.intermediate_size, cfg, dtype, rngs))
+
+
+def _joined(xs: list):
+    """[B_g, S_g, H] per group -> [1, sum B_g S_g, H] (one group: itself)."""
+    if len(xs) == 1:
+        return xs[0]
+    return jnp.concatenate([x.reshape(1, -1, x.shape[-1]) for x in xs], axis=1)
+
+
+def _split(y, like: list) -> list:
+    """The inverse of _joined: y back into the groups' shapes."""
+    if len(like) == 1:
+        return [y]
+    sizes = [x.shape[0] * x.shape[1] for x in like]
+    parts = jnp.split(y.reshape(-1, y.shape[-1]), list(itertools.accumulate(sizes))[:-1])
+    return [p.reshape(x.shape) for p, x in zip(parts, like)]
 
 
 class MoEModel(nnx.Module):
@@ -46,17 +64,27 @@ class MoEModel(nnx.Module):
         """tokens, positions [B, S] int32; cache: list of per-layer dicts; attend (static): attention
         over the first `attend` cache positions only (default all).
         Returns (hidden [B, S, H] after the final norm, new cache, expert counts [Lm, E] int32)."""
-        x = self.embed[...][tokens]
+        [(hidden, cache)], counts = self.groups([(tokens, positions, cache, attend)], ctx)
+        return hidden, cache, counts
+
+    def groups(self, groups: list, ctx: EPContext):
+        """Several row groups of different shapes in one pass: groups = [(tokens [B, S], positions,
+        cache, attend)]. Each group attends over its own cache; the dense MLPs and the MoE layers run
+        once on every group's tokens together (one exchange per MoE layer; ctx.valid and
+        ctx.token_index cover the groups' flattened tokens in order).
+        Returns ([(hidden, new cache)] per group, expert counts [Lm, E] int32)."""
         inv_freq, rope_scale = rope_inv_freq(self.cfg)
-        cos, sin = rope_cos_sin(positions, inv_freq, rope_scale, self.dtype)
-        new_cache, counts = [], []
+        xs = [self.embed[...][tokens] for tokens, _, _, _ in groups]
+        ropes = [rope_cos_sin(positions, inv_freq, rope_scale, self.dtype) for _, positions, _, _ in groups]
+        new_caches, counts = [[] for _ in groups], []
         moe_index = 0
-        for layer, layer_cache in zip(self.layers, cache):
-            with jax.named_scope("attention"):
-                a, layer_cache = layer.attn(layer.input_norm(x), positions, cos, sin, layer_cache, attend)
-            new_cache.append(layer_cache)
-            x = x + a
-            h = layer.post_norm(x)
+        for li, layer in enumerate(self.layers):
+            for g, (_, positions, cache, attend) in enumerate(groups):
+                with jax.named_scope("attention"):
+                    a, layer_cache = layer.attn(layer.input_norm(xs[g]), positions, *ropes[g], cache[li], attend)
+                new_caches[g].append(layer_cache)
+                xs[g] = xs[g] + a
+            h = _joined([layer.post_norm(x) for x in xs])
             if layer.is_moe:
                 with jax.named_scope("moe"):
                     m, c = layer.mlp(h, ctx, moe_index)
@@ -64,9 +92,9 @@ class MoEModel(nnx.Module):
                 moe_index += 1
             else:
                 m = layer.mlp(h)
-            x = x + m
+            xs = [x + part for x, part in zip(xs, _split(m, xs))]
         counts = jnp.stack(counts) if counts else jnp.zeros((0, self.cfg.num_experts), jnp.int32)
-        return self.norm(x), new_cache, counts
+        return [(self.norm(x), c) for x, c in zip(xs, new_caches)], counts
 
     def logits(self, hidden):
         """hidden [..., H] -> float32 logits [..., V]."""

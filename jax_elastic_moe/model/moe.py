@@ -23,7 +23,7 @@ class EPContext:
 
     log2phy [Lm, E, R] int32 and active [N] int32 are traced (never static: a new placement or
     mask never recompiles); token_index [T] int32 numbers this rank's tokens globally; valid [T]
-    bool marks real (non-padding) tokens for the load statistics."""
+    bool marks real (non-padding) tokens: only they are routed to experts and counted in the loads."""
     log2phy: jax.Array
     active: jax.Array
     token_index: jax.Array
@@ -86,6 +86,9 @@ def routed_experts(x, ids, weights, experts: Callable, log2phy, ctx: EPContext, 
     n, spr = ctx.num_ranks, ctx.slots_per_rank
     t = x.shape[0]
     slots = ops.choose_slots(ids, ctx.token_index, log2phy, ctx.active, spr)
+    # padding tokens (a rank without work in a prefill chunk, a free decode slot) go to no expert:
+    # they are never sent, and the experts' grouped matmul only runs on the rows actually routed
+    slots = jnp.where(ctx.valid[:, None], slots, -1)
     be = ctx.backend
     send_x, send_slot, send_w, _, src_token = ops.dispatch(x, slots, weights.astype(x.dtype), n, spr, backend=be)
     send_x, send_slot, send_w = _exchange(ctx, [send_x, send_slot, send_w], moe_layer, 0)

@@ -33,7 +33,8 @@ import zmq
 from .control import ProtocolError, decode, encode, make_socket, message, bind_endpoint
 
 __all__ = [
-    "DEFAULT_HEARTBEAT_INTERVAL", "DEFAULT_HEARTBEAT_TIMEOUT", "HeartbeatDetector", "HeartbeatEvent",
+    "BeaconWatch", "ControllerBeacon", "DEFAULT_HEARTBEAT_INTERVAL", "DEFAULT_HEARTBEAT_TIMEOUT", "HeartbeatDetector",
+    "HeartbeatEvent",
     "HeartbeatMonitor", "HeartbeatSender", "PeerHealth", "new_incarnation",
 ]
 
@@ -154,6 +155,14 @@ class HeartbeatDetector:
         return self._peers[peer]
 
 
+def _bind(sock: zmq.Socket, endpoint: str, what: str) -> str:
+    try:
+        return bind_endpoint(sock, endpoint)
+    except zmq.ZMQError as e:
+        sock.close()
+        raise RuntimeError(f"cannot bind {what} to {endpoint!r}: {e}") from e
+
+
 class _SocketThread(abc.ABC):
     """A daemon thread that owns one zmq socket: start() opens it here and hands it to `_run` on the
     thread (a socket is used by one thread at a time); stop() ends the loop and joins."""
@@ -259,11 +268,7 @@ class HeartbeatMonitor(_SocketThread):
 
     def _open_socket(self) -> zmq.Socket:
         sock = make_socket(self._context, zmq.PULL)
-        try:
-            self.endpoint = bind_endpoint(sock, self._requested_endpoint)
-        except zmq.ZMQError as e:
-            sock.close()
-            raise RuntimeError(f"cannot bind the heartbeat monitor to {self._requested_endpoint!r}: {e}") from e
+        self.endpoint = _bind(sock, self._requested_endpoint, "the heartbeat monitor")
         return sock
 
     def watch(self, rank: int, incarnation: int | None = None):
@@ -321,3 +326,79 @@ class HeartbeatMonitor(_SocketThread):
             log.exception("heartbeat %s callback failed for %r", event.kind, event.peer)
             self.callback_errors.append(e)
 
+
+
+class ControllerBeacon(_SocketThread):
+    """Controller side: a PUB socket on which the controller says it is alive every `interval`
+    seconds (a "heartbeat" of rank -1 with the controller's incarnation). Workers on other hosts
+    watch it (BeaconWatch) and exit when it falls silent: a controller that crashed or was cut off
+    must not leave its workers running."""
+
+    def __init__(self, endpoint: str, *, interval: float = DEFAULT_HEARTBEAT_INTERVAL,
+                 context: zmq.Context | None = None):
+        self._requested_endpoint, self.interval = endpoint, float(interval)
+        self.endpoint: str | None = None
+        self.incarnation = new_incarnation()
+        self._context = context or zmq.Context.instance()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _open_socket(self) -> zmq.Socket:
+        sock = make_socket(self._context, zmq.PUB, SNDHWM=4)
+        self.endpoint = _bind(sock, self._requested_endpoint, "the controller beacon")
+        return sock
+
+    def _run(self, sock: zmq.Socket):
+        n = 0
+        try:
+            while not self._stop.is_set():
+                try:
+                    sock.send(encode(message("heartbeat", rank=-1, incarnation=self.incarnation, n=n)), zmq.NOBLOCK)
+                except zmq.Again:
+                    pass
+                n += 1
+                self._stop.wait(self.interval)
+        finally:
+            sock.close(linger=0)
+
+
+class BeaconWatch(_SocketThread):
+    """Worker side: watches the controller's beacon with the same timeout rule as the controller's
+    detector (HeartbeatDetector); calls on_lost(silent_for) once when it has been silent for
+    `timeout` seconds (counted from start() until the first beat arrives)."""
+
+    def __init__(self, endpoint: str, on_lost: Callable[[float], None], *, interval: float = DEFAULT_HEARTBEAT_INTERVAL,
+                 timeout: float = DEFAULT_HEARTBEAT_TIMEOUT, context: zmq.Context | None = None):
+        self.endpoint, self.on_lost = endpoint, on_lost
+        self.detector = HeartbeatDetector(interval, timeout, startup_grace=timeout)
+        self._context = context or zmq.Context.instance()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _open_socket(self) -> zmq.Socket:
+        sock = make_socket(self._context, zmq.SUB)
+        sock.setsockopt(zmq.SUBSCRIBE, b"")
+        sock.connect(self.endpoint)
+        self.detector.watch("controller")
+        return sock
+
+    def _run(self, sock: zmq.Socket):
+        tick_ms = max(1, int(1000 * min(self.detector.interval, self.detector.timeout / 10)))
+        try:
+            while not self._stop.is_set():
+                sock.poll(tick_ms, zmq.POLLIN)
+                while True:
+                    try:
+                        msg = decode(sock.recv(zmq.NOBLOCK))
+                    except zmq.Again:
+                        break
+                    except ProtocolError:
+                        continue
+                    if msg["type"] == "heartbeat" and msg["rank"] == -1:
+                        self.detector.heartbeat("controller")
+                for event in self.detector.poll():
+                    if event.kind == "suspect":
+                        self.on_lost(event.silent_for)
+                        return
+        finally:
+            sock.close(linger=0)

@@ -43,11 +43,9 @@ def _generate(runner, prompts, new_tokens: int, num_ranks: int):
         return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
     while sched.unfinished():
-        for make in (sched.decode_batch, sched.prefill_batch):
-            batch = make()
-            if batch is not None:
-                nxt, _ = runner.run(batch.shape, batch.rows, fetch=gather)
-                sched.commit(batch, nxt)
+        batch = sched.next_batch()
+        nxt, _ = runner.run(batch.shape, batch.rows, fetch=gather)
+        sched.commit(batch, nxt)
     return [r.out for r in reqs]
 
 

@@ -24,9 +24,10 @@ from ..placement.movement import plan_moves
 from .base import Applied
 from .controller import EngineDead, RankFailure
 from .control import ControlServer, ControlTimeout, message
-from .detector import HeartbeatMonitor, new_incarnation
+from .detector import ControllerBeacon, HeartbeatMonitor, new_incarnation
 from .loopback import proc_state
 from .protocol import register_messages
+from .step import input_rows, out_rows
 
 
 class WorkerProcess:
@@ -95,9 +96,15 @@ class MooncakeRuntime:
         self._closed = False
         self.server = ControlServer(endpoint)
         self.endpoint = self.server.endpoint
-        self.monitor = HeartbeatMonitor(interval=heartbeat_interval, timeout=heartbeat_timeout)
+        # heartbeats arrive on the controller's own address (remote workers cannot reach 127.0.0.1)
+        self.monitor = HeartbeatMonitor(self.endpoint.rsplit(":", 1)[0] + ":0", interval=heartbeat_interval,
+                                        timeout=heartbeat_timeout)
         self.monitor.start()
         self.heartbeat_endpoint = self.monitor.endpoint
+        self.beacon = ControllerBeacon(self.endpoint.rsplit(":", 1)[0] + ":0", interval=heartbeat_interval).start()
+        # workers exit when the beacon is silent this long: the heartbeat timeout for workers on other
+        # hosts; spawned ones also watch their parent process, so they allow a starved controller more
+        self.controller_timeout = max(30.0, 10 * heartbeat_timeout) if spawn else heartbeat_timeout
         try:
             self._start(list(range(num_ranks)), spawn)
         except Exception:
@@ -149,6 +156,7 @@ class MooncakeRuntime:
                        phy2log=self.placement.phy2log.tolist(), log2phy=self.placement.log2phy.tolist(),
                        active=self.active.tolist(), exchange_timeout=self.exchange_timeout,
                        heartbeat_endpoint=self.heartbeat_endpoint, heartbeat_interval=self.heartbeat_interval,
+                       controller_beacon=self.beacon.endpoint, controller_timeout=self.controller_timeout,
                        incarnation=new_incarnation(), backend=self.backend)
 
     def _recv(self, deadline: float, what: str):
@@ -221,14 +229,14 @@ class MooncakeRuntime:
     def _step(self, batch):
         """Sends each live rank its rows of the batch; returns (next tokens [rows], counts [Lm, E])."""
         self._step_seq += 1
-        rows = batch.shape.rows
+        per_input = input_rows(batch.shape)
         ids = {}
         for i, r in enumerate(self.live):
-            part = {k: v[i * rows:(i + 1) * rows].tolist() for k, v in batch.rows.items()}
+            part = {k: batch.rows[k][i * n:(i + 1) * n].tolist() for k, n in per_input.items()}
             msg = message("step", id=next(self._ids), shape=batch.shape.as_list(), step=self._step_seq, **part)
             ids[msg["id"]] = r
             self.server.send(f"rank-{r}".encode(), msg)
-        return self._collect(ids, rows)
+        return self._collect(ids, out_rows(batch.shape))
 
     def _silent_s(self, rank: int) -> float:
         """Seconds since the last heartbeat of `rank` (its heartbeat thread runs even while its step
@@ -425,4 +433,5 @@ class MooncakeRuntime:
                 except subprocess.TimeoutExpired:
                     w.kill()
         self.monitor.stop()
+        self.beacon.stop()
         self.server.close()

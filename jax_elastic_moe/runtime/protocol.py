@@ -8,6 +8,7 @@ COMMANDS = {
     "init": ("id", "config", "dtype", "seed", "num_ranks", "slots_per_rank", "max_rows", "phy2log", "log2phy",
              "active", "exchange_timeout", "heartbeat_endpoint", "heartbeat_interval", "incarnation"),
     "compile": ("id", "shapes"),
+    # a step's per-row inputs (runtime/step.py input_rows); a prefill step adds decode_<name> ones
     "step": ("id", "shape", "step", "tokens", "positions", "valid", "slot", "last", "seeds", "sample_ids",
              "temperature", "top_p"),
     "install": ("id", "peers", "active", "log2phy"),

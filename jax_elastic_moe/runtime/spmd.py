@@ -30,7 +30,7 @@ from ..placement.movement import plan_moves
 from .base import Applied
 from .controller import RankFailure, compact
 from .fallbacks import FallbackPrograms, Portable
-from .step import StepShape, empty_cache, make_step, row_abstract
+from .step import StepShape, empty_cache, input_rows, make_step, row_abstract
 
 
 def key_of(path: tuple) -> str:
@@ -201,15 +201,15 @@ class SpmdRunner:
         return compiled
 
     def step_fn(self, shape: StepShape):
-        """The compiled step of `shape` (per rank) over this mesh: (params, cache, *ROW_INPUTS over
-        N' * shape.rows rows, log2phy, active, seq) -> (next [N' * rows], cache, counts [Lm, E]); the
+        """The compiled step of `shape` (per rank) over this mesh: (params, cache, *inputs over N' ranks
+        (step.input_rows), log2phy, active, seq) -> (next [N' * out_rows], cache, counts [Lm, E]); the
         cache is donated."""
         body = make_step(self.graphdef, self._variables, key_of, shape, num_ranks=self.num_ranks,
                          slots_per_rank=self.slots_per_rank, backend=self.backend, axis_name=EP_AXIS)
         bs = batch_spec()
         cache_spec = jax.tree.map(lambda _: bs, jax.eval_shape(
             lambda: empty_cache(self.graphdef, self._variables, 1, 1)))
-        rows = row_abstract(shape, shape.rows * self.num_ranks, self._sharding(bs))
+        rows = row_abstract(shape, self.num_ranks, self._sharding(bs))
         f = jax.jit(jax.shard_map(body, mesh=self.mesh,
                                   in_specs=(self._param_specs(), cache_spec) + (bs,) * len(rows) + (P(), P(), P()),
                                   out_specs=(bs, cache_spec, P()), check_vma=False), donate_argnums=(1,))
@@ -257,15 +257,15 @@ class SpmdRunner:
 
     # -- running steps ------------------------------------------------------------------------------
     def run(self, shape: StepShape, rows: dict, seq: int = 0, fetch=np.asarray):
-        """One step: rows = ROW_INPUTS name -> numpy [N' * shape.rows (, chunk)]; the KV cache (made
-        on first use) is updated in place. Returns (next tokens numpy [N' * rows], counts [Lm, E]);
+        """One step: rows = input name (step.input_rows) -> numpy [N' * its rows (, chunk)]; the KV cache
+        (made on first use) is updated in place. Returns (next tokens numpy [N' * out_rows], counts);
         fetch turns the sharded tokens into numpy (over processes: an allgather)."""
         if self.cache is None or self.cache_rows_per_rank != shape.slots:
             make = jax.jit(lambda: empty_cache(self.graphdef, self._variables, shape.slots * self.num_ranks,
                                                shape.cache_len), out_shardings=self._sharding(batch_spec()))
             self.cache = make()
         fn = self.step_fn(shape)
-        nxt, self.cache, counts = fn(self.params, self.cache, *[self.put_batch(a) for a in rows.values()],
+        nxt, self.cache, counts = fn(self.params, self.cache, *[self.put_batch(rows[k]) for k in input_rows(shape)],
                                      self.log2phy, self.active, np.int32(seq))
         return fetch(nxt), np.asarray(counts.addressable_data(0))
 

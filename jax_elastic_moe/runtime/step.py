@@ -3,15 +3,20 @@
 A step runs on one rank's rows and that rank's KV cache: `slots` cache rows of `cache_len` positions
 (data-parallel attention: a request's cache lives on one rank). Two kinds, each a fixed shape:
 
-  prefill  `rows` rows of a chunk of up to `chunk` prompt tokens; row i writes the cache row slot[i]
-           (gathered, run, scattered back: the other slots are untouched); a first chunk (every row
-           at position 0) attends to its own `chunk` positions only
   decode   one token for every cache row (rows == slots, slot i is row i)
+  prefill  `rows` rows of a chunk of up to `chunk` prompt tokens, row i writing the cache row slot[i]
+           (gathered, run, scattered back); a first chunk (every row at position 0) attends to its own
+           `chunk` positions only. The same step also decodes one token for every cache row (a
+           second row group, inputs named decode_*): running requests keep decoding while a prompt
+           is prefilled, in one step instead of two (the groups attend separately and share the
+           MLP/MoE layers, so one exchange per MoE layer carries both)
 
 Padding rows and padding tokens have valid False and position cache_len, so their cache writes are
-dropped; a padding row's slot is `slots` (out of range: its gather is clipped, its scatter dropped).
-Every row samples one token at chunk index last[i]. The spmd runner wraps the body in shard_map over
-the mesh, the mooncake worker jits it alone with its host exchange: the same code in both."""
+dropped and they are routed to no expert; a padding prefill row's slot is `slots` (out of range: its
+gather is clipped, its scatter dropped). Every row samples one token at chunk index last[i]; a step's
+next tokens are its groups' rows in order (prefill rows, then decode rows). The spmd runner wraps the
+body in shard_map over the mesh, the mooncake worker jits it alone with its host exchange: the same
+code in both."""
 from __future__ import annotations
 
 import dataclasses
@@ -50,11 +55,27 @@ class StepShape:
         return cls(str(v[0]), int(v[1]), int(v[2]), int(v[3]), int(v[4]), int(v[5]))
 
 
-def row_abstract(shape: StepShape, rows: int | None = None, sharding=None) -> list:
-    """ShapeDtypeStructs of the ROW_INPUTS for `rows` rows (default shape.rows)."""
-    rows = shape.rows if rows is None else rows
-    return [jax.ShapeDtypeStruct((rows, shape.chunk) if chunked else (rows,), dtype, sharding=sharding)
-            for dtype, chunked in ROW_INPUTS.values()]
+def row_groups(shape: StepShape) -> list[tuple[str, int, int]]:
+    """(input name prefix, rows per rank, chunk) of each row group of a step, in order."""
+    if shape.kind == "decode":
+        return [("", shape.slots, 1)]
+    return [("", shape.rows, shape.chunk), ("decode_", shape.slots, 1)]
+
+
+def input_rows(shape: StepShape) -> dict[str, int]:
+    """Every per-row input of a step, in argument order: name -> rows per rank."""
+    return {prefix + name: rows for prefix, rows, _ in row_groups(shape) for name in ROW_INPUTS}
+
+
+def out_rows(shape: StepShape) -> int:
+    """Next tokens per rank of a step: every group's rows."""
+    return sum(rows for _, rows, _ in row_groups(shape))
+
+
+def row_abstract(shape: StepShape, ranks: int = 1, sharding=None) -> list:
+    """ShapeDtypeStructs of the step's per-row inputs over `ranks` ranks (rank-major)."""
+    return [jax.ShapeDtypeStruct((ranks * rows, chunk) if chunked else (ranks * rows,), dtype, sharding=sharding)
+            for _, rows, chunk in row_groups(shape) for dtype, chunked in ROW_INPUTS.values()]
 
 
 def empty_cache(graphdef, variables, slots: int, cache_len: int):
@@ -66,30 +87,44 @@ def make_step(graphdef, variables, key_of: Callable, shape: StepShape, *, num_ra
               backend: str, axis_name: str | None = None, rank: int = 0, exchange_for: Callable | None = None):
     """The per-rank step body:
 
-      (params {key: array}, cache, *ROW_INPUTS, log2phy, active, seq) -> (next [rows] int32, cache,
-      expert counts [Lm, E])
+      (params {key: array}, cache, *inputs (input_rows order), log2phy, active, seq)
+        -> (next [out_rows] int32, cache, expert counts [Lm, E])
 
     axis_name: the mesh axis of the ranks (spmd, all_to_all); otherwise exchange_for(seq, active) gives
     the exchange of the step numbered seq over the traced live-rank mask (mooncake) and `rank`
     numbers this rank's tokens."""
     decode = shape.kind == "decode"
+    groups = row_groups(shape)
+    per_rank = out_rows(shape)
+    n_in = len(ROW_INPUTS)
 
-    def step(params, cache, tokens, positions, valid, slot, last, seeds, sample_ids, temperature, top_p,
-             log2phy, active, seq):
+    def step(params, cache, *args):
         model = nnx.merge(graphdef, nnx.from_flat_state([(p, v.replace(params[key_of(p)])) for p, v in variables]))
-        rows = tokens.shape[0]
+        log2phy, active, seq = args[-3:]
+        ins = [dict(zip(ROW_INPUTS, args[g * n_in:(g + 1) * n_in])) for g in range(len(groups))]
         r = jax.lax.axis_index(axis_name) if axis_name is not None else rank
-        token_index = ((r * rows + jnp.arange(rows, dtype=jnp.int32))[:, None] * 7919 + positions).reshape(-1)
+        starts = [sum(rows for _, rows, _ in groups[:g]) for g in range(len(groups))]
+        token_index = jnp.concatenate([
+            ((r * per_rank + start + jnp.arange(rows, dtype=jnp.int32))[:, None] * 7919 + i["positions"]).reshape(-1)
+            for (_, rows, _), start, i in zip(groups, starts, ins)])
         ctx = EPContext(log2phy=log2phy, active=active, token_index=token_index.astype(jnp.int32),
-                        valid=valid.reshape(-1), num_ranks=num_ranks, slots_per_rank=slots_per_rank,
-                        axis_name=axis_name, exchange=None if exchange_for is None else exchange_for(seq, active),
-                        backend=backend)
-        rows_cache = cache if decode else jax.tree.map(lambda c: jnp.take(c, slot, axis=0, mode="clip"), cache)
-        hidden, rows_cache, counts = model(tokens, positions, rows_cache, ctx, shape.attend or None)
+                        valid=jnp.concatenate([i["valid"].reshape(-1) for i in ins]), num_ranks=num_ranks,
+                        slots_per_rank=slots_per_rank, axis_name=axis_name,
+                        exchange=None if exchange_for is None else exchange_for(seq, active), backend=backend)
         if decode:
-            cache = rows_cache
+            (out,), counts = model.groups([(ins[0]["tokens"], ins[0]["positions"], cache, None)], ctx)
+            cache = out[1]
+            outs = [out]
         else:
-            cache = jax.tree.map(lambda c, new: c.at[slot].set(new, mode="drop"), cache, rows_cache)
-        h = jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
-        return sample(model.logits(h), seeds, sample_ids, temperature, top_p), cache, counts
+            pre, dec = ins
+            rows_cache = jax.tree.map(lambda c: jnp.take(c, pre["slot"], axis=0, mode="clip"), cache)
+            outs, counts = model.groups([(pre["tokens"], pre["positions"], rows_cache, shape.attend or None),
+                                         (dec["tokens"], dec["positions"], cache, None)], ctx)
+            # the decode group wrote every running slot; the prefill rows' slots are not among them
+            # (their decode rows are padding), so scattering the prefill rows back loses nothing
+            cache = jax.tree.map(lambda c, new: c.at[pre["slot"]].set(new, mode="drop"), outs[1][1], outs[0][1])
+        h = jnp.concatenate([jnp.take_along_axis(hidden, i["last"][:, None, None], axis=1)[:, 0]
+                             for (hidden, _), i in zip(outs, ins)])
+        cat = {name: jnp.concatenate([i[name] for i in ins]) for name in ("seeds", "sample_ids", "temperature", "top_p")}
+        return sample(model.logits(h), cat["seeds"], cat["sample_ids"], cat["temperature"], cat["top_p"]), cache, counts
     return step

@@ -29,6 +29,7 @@ class Worker:
         self.transport = None
         self.native = None          # NativeExchange, or None: the Python exchange (io_callback)
         self.heartbeat = None
+        self.beacon = None
         self.failure = None
 
     # -- setup ----------------------------------------------------------------------------------
@@ -85,8 +86,20 @@ class Worker:
         self.heartbeat = HeartbeatSender(msg["heartbeat_endpoint"], self.rank, incarnation=int(msg["incarnation"]),
                                          interval=float(msg["heartbeat_interval"]))
         self.heartbeat.start()
+        if msg.get("controller_beacon"):
+            from .detector import BeaconWatch
+            self.beacon = BeaconWatch(msg["controller_beacon"], self._controller_lost,
+                                      interval=float(msg["heartbeat_interval"]), timeout=float(msg["controller_timeout"]))
+            self.beacon.start()
         return {"address": self.transport.address.to_dict(), "pid": os.getpid(),
                 "exchange": "python" if self.native is None else "native"}
+
+    def _controller_lost(self, silent_for: float):
+        """The controller's beacon fell silent (it crashed, or this host or its host was cut off): this
+        rank exits rather than run on in an epoch nobody governs (a new controller starts new workers)."""
+        print(f"jem worker rank {self.rank}: no word from the controller for {silent_for:.1f} s; exiting "
+              f"(monotonic clock {time.monotonic():.3f})", file=sys.stderr, flush=True)
+        os._exit(5)
 
     def _set_epoch(self, msg: dict):
         """The active mask, its peers (the other active ranks) and log2phy of an init or epoch message."""
@@ -198,13 +211,14 @@ class Worker:
         """Runs one step of this rank's rows on its KV-cache slots; returns its next tokens and counts.
         The cache is kept across epochs: a failure elsewhere does not touch this rank's requests."""
         jax, jnp, np = self.jax, self.jnp, self.np
-        from .step import ROW_INPUTS, StepShape
+        from .step import ROW_INPUTS, StepShape, input_rows
         shape = StepShape.from_list(msg["shape"])
         fn = self._program(shape)
         if self.cache is None or self.cache_shape != (shape.slots, shape.cache_len):
             self.cache = jax.jit(lambda: self._empty_cache(shape))()
             self.cache_shape = (shape.slots, shape.cache_len)
-        rows = [jnp.asarray(np.asarray(msg[name], np.dtype(dtype))) for name, (dtype, _) in ROW_INPUTS.items()]
+        rows = [jnp.asarray(np.asarray(msg[name], np.dtype(ROW_INPUTS[name.removeprefix("decode_")][0])))
+                for name in input_rows(shape)]
         self.failure = None
         try:
             nxt, cache, counts = fn({**self.dense, **self.experts}, self.cache, *rows, self.log2phy,
@@ -308,6 +322,8 @@ class Worker:
     def close(self):
         if self.heartbeat is not None:
             self.heartbeat.stop()
+        if self.beacon is not None:
+            self.beacon.stop()
         if self.native is not None:
             self.native.close()
         if self.transport is not None:
