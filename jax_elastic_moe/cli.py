@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 
@@ -152,12 +153,18 @@ def cmd_worker(args) -> int:
     ranks = range(int(lo), int(hi or lo) + 1)
     procs = [subprocess.Popen([sys.executable, "-m", "jax_elastic_moe.runtime.worker", "--controller",
                                args.controller, "--rank", str(r), "--host", args.host]) for r in ranks]
+    code = 1
     try:
-        return max(p.wait() for p in procs)
+        code = max(p.wait() for p in procs)
     finally:
         for p in procs:
             if p.poll() is None:
                 p.kill()
+        # leave with the ranks: no interpreter teardown of the jax this process imported (seconds on a
+        # loaded host, while a host whose ranks are gone should look gone)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
 
 
 if __name__ == "__main__":

@@ -74,6 +74,13 @@ def serve(fault: dict, timeout: float = 420):
         assert lines, f"the driver printed no result (exit {driver.returncode}):\n{stderr[-3000:]}"
         result = json.loads(lines[-1][len("RESULT "):])
         result["gone_at"] = gone_at
+        timing = {"fault": fault, "error": result.get("error", "")[:120],
+                  "recoveries": [{k: r[k] for k in ("failed_ranks", "detect_s", "restore_s", "total_s")}
+                                 for r in result.get("recoveries", [])],
+                  "resumed_after_fault_s": [r["resumed_at"] - result["fault_at"] for r in result.get("recoveries", [])],
+                  "hosts_emptied_after_fault_s": {h: t - result["fault_at"] for h, t in gone_at.items()},
+                  "transient_retries": result.get("transient_retries")}
+        print("MULTIHOST " + json.dumps(timing))     # the measured table of docs/RUNTIME.md (pytest -s)
         return result
 
 
@@ -100,3 +107,19 @@ def test_controller_host_cut_ends_every_worker_and_generate_fails_clearly():
     assert sorted(result["gone_at"]) == [1, 2, 3], f"workers still running on hosts {result['gone_at']}"
     slowest = max(result["gone_at"].values()) - result["fault_at"]
     assert slowest <= HB_TIMEOUT + 2.0, f"the last worker host emptied {slowest:.1f} s after the cut"
+
+
+def test_partition_past_the_timeout_is_a_failure_and_the_cut_host_fences_itself(reference):
+    hold = HB_TIMEOUT + 5
+    result = serve(dict(action="cut", host=1, at_step=3, hold_s=hold))
+    assert "error" not in result, result["error"]
+    assert result["tokens"] == reference
+    (rec,) = result["recoveries"]
+    assert sorted(rec["failed_ranks"]) == [0, 1] and result["live"] == [2, 3, 4, 5]
+    # detected within the heartbeat timeout plus a step, and served again right after (the recovery
+    # itself takes a fraction of a second): the first good step comes within the timeout + 2 s
+    assert rec["resumed_at"] - result["fault_at"] <= HB_TIMEOUT + 2.0, rec
+    # the cut-off host's workers lost the controller too and exited before the link came back: nothing
+    # stale is left to write into the survivors' buffers of the new epoch
+    assert 1 in result["gone_at"] and result["gone_at"][1] - result["fault_at"] <= HB_TIMEOUT + 2.0
+    assert result["gone_at"][1] < result["fault_at"] + hold
