@@ -42,6 +42,9 @@ class Worker:
         from .detector import HeartbeatSender
         from .transport import Transport
         self.np, self.jnp, self.jax = np, jnp, jax
+        if msg.get("compilation_cache_dir"):    # shared by the workers of one host: one compiles, the rest load
+            from ..settings import enable_compilation_cache
+            enable_compilation_cache(msg["compilation_cache_dir"])
         self.cfg = from_hf_dict(msg["config"])
         self.dtype = DTYPES[msg["dtype"]]
         self.num_ranks, self.spr = int(msg["num_ranks"]), int(msg["slots_per_rank"])
@@ -49,6 +52,9 @@ class Worker:
         self.backend = msg.get("backend", "auto")
         if msg.get("checkpoint"):
             _, params = load_checkpoint(msg["checkpoint"], self.dtype)
+        elif msg.get("weights_file"):       # the controller's weights: no model to build here
+            from .mooncake import load_weights
+            params = load_weights(msg["weights_file"])
         else:
             params = random_params(self.cfg, self.dtype, int(msg["seed"]))
         self.moe_layer_ids = [i for i, m in enumerate(self.cfg.moe_layers) if m]
@@ -170,13 +176,21 @@ class Worker:
         from .spmd import abstract_model
         from .step import make_step, row_abstract
         graphdef, variables = abstract_model(self.cfg, self.spr, jnp.dtype(self.dtype))
-        body = make_step(graphdef, variables, self.key_of, shape, num_ranks=self.num_ranks, slots_per_rank=self.spr,
-                         backend=self.backend, rank=self.rank, exchange_for=self._exchange_fn)
+
+        def program(*args):
+            # the rank is an argument, not a constant: every rank's program is the same, so with the
+            # shared compilation cache one worker compiles it and the others load it
+            *args, rank = args
+            body = make_step(graphdef, variables, self.key_of, shape, num_ranks=self.num_ranks,
+                             slots_per_rank=self.spr, backend=self.backend, rank=rank,
+                             exchange_for=self._exchange_fn)
+            return body(*args)
         sds = jax.ShapeDtypeStruct
         params = {k: sds(a.shape, a.dtype) for k, a in {**self.dense, **self.experts}.items()}
         cache = jax.eval_shape(lambda: self._empty_cache(shape))
-        compiled = jax.jit(body).lower(params, cache, *row_abstract(shape), sds(self.log2phy.shape, jnp.int32),
-                                       sds(self.active_dev.shape, jnp.int32), sds((), jnp.int32)).compile()
+        compiled = jax.jit(program).lower(params, cache, *row_abstract(shape), sds(self.log2phy.shape, jnp.int32),
+                                          sds(self.active_dev.shape, jnp.int32), sds((), jnp.int32),
+                                          sds((), jnp.int32)).compile()
         self.compiled[shape] = compiled
         return compiled
 
@@ -208,7 +222,7 @@ class Worker:
         self.failure = None
         try:
             nxt, cache, counts = fn({**self.dense, **self.experts}, self.cache, *rows, self.log2phy,
-                                    self.active_dev, jnp.int32(msg["step"]))
+                                    self.active_dev, jnp.int32(msg["step"]), jnp.int32(self.rank))
             nxt = np.asarray(nxt)
         except Exception as e:  # the exchange raised inside the step: report the suspects
             res = self._exchange_failure(msg["step"])
@@ -228,7 +242,7 @@ class Worker:
         from .peers import PeerAddress
         peers = {int(r): PeerAddress.from_dict(a) for r, a in msg["peers"].items()}
         try:
-            self.transport.set_peers(peers)
+            self.transport.set_peers(peers, timeout=float(msg.get("connect_timeout", 5.0)))
         finally:    # the peers that could be reached are installed either way
             if self.native is not None:
                 self.native.install()
@@ -296,6 +310,8 @@ class Worker:
             last = time.monotonic()
             if msg["type"] == "shutdown":
                 return 0
+            if msg["type"] == "ping":
+                continue
             try:
                 out = {"ok": True, **handlers[msg["type"]](msg)}
                 reply = message("reply", rank=self.rank, id=msg.get("id", 0), **out)
