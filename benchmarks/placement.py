@@ -139,7 +139,7 @@ def main(argv=None) -> int:
               f"{wo['moved']:>13} {wo['bytes'] / 2**30:>7.1f} {wo['imbalance_max']:>9.4f}")
     print(f"  moved / dead rank's experts: with previous= mean {kill['mean_with_previous']:.3f}, "
           f"worst {kill['worst_with_previous']:.3f}; without: mean {kill['mean_without_previous']:.2f}")
-    print(f"\nk ranks failing at once (deepseek_global with previous=, the controller's decision)")
+    print("\nk ranks failing at once (deepseek_global with previous=, the controller's decision)")
     print(f"  {'k':>3} {'their experts':>13} {'moved':>7} {'/ theirs':>8} {'restored':>8} {'decide s':>9} "
           f"{'move plan s':>11} {'imbalance':>9}")
     for r in report["kill_at_once"]["rows"]:

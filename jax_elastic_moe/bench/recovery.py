@@ -282,8 +282,7 @@ def plot(result: dict, path: str, others: list[tuple[str, dict]] = ()):
     """Two panels over the number of failed ranks k: the interruption (breakdown stacked) with the
     published 6-7 s band and each run's full restart, and throughput after the failure / before
     against (N - k) / N. `others`: (label, report) of more runs drawn on the same axes."""
-    runs = [(f"{result['settings']['mode']}, {result['scenario']}" if "settings" in result else "this run",
-             result)] + list(others)
+    runs = [(f"{result['settings']['mode']}, {result['scenario']}", result)] + list(others)
     fig, (ax, bx) = common.new_figure(1, 2, figsize=(12, 4.5))
     ax.axhspan(*PUBLISHED_BAND_S, color="tab:orange", alpha=0.25, label="published: 6-7 s (32 GPUs)")
     markers = "osD^v"
@@ -330,6 +329,8 @@ def main(argv=None) -> int:
                     help="before each count, an engine that sees the same failure warms --compilation-cache-dir")
     ap.add_argument("--compare", action="append", default=[], metavar="LABEL=REPORT.json",
                     help="draw another run's report on the plot too (repeatable)")
+    ap.add_argument("--from-json", metavar="REPORT.json",
+                    help="run nothing: the table and --plot of a report written earlier (with --compare)")
     args_seen = {}
 
     def plot_with_others(result, path):
@@ -338,9 +339,17 @@ def main(argv=None) -> int:
             label, _, file = spec.partition("=")
             with open(file) as f:
                 others.append((label, json.load(f)))
-        plot({**result, "settings": vars(args_seen["args"])}, path, others)
+        plot({**result, "settings": result.get("settings") or vars(args_seen["args"])}, path, others)
 
     def run_keep(args):
         args_seen["args"] = args
+        if args.from_json:
+            with open(args.from_json) as f:
+                report = json.load(f)
+            for k, v in report["settings"].items():
+                if k not in ("compare", "from_json"):
+                    setattr(args, k, v)
+            args.json = None                    # the report stays as it was
+            return {k: v for k, v in report.items() if k not in ("benchmark", "machine")}
         return run(args)
     return common.run_subcommand("recovery", ap, argv, run_keep, table, plot_with_others)

@@ -111,7 +111,11 @@ class MooncakeRuntime:
         self.num_ranks, self.spr = num_ranks, placement.slots_per_rank
         self.placement = placement
         self.backup = backup
-        self.exchange_timeout, self.max_rows = exchange_timeout, max_rows
+        # more local workers than cores: the ranks' steps are time-sliced, so the skew between a rank
+        # that enters an exchange and the last peer to reach it grows with workers / cores; the
+        # deadline grows with it (a killed peer is still found in milliseconds: failed writes, /proc)
+        self.oversubscription = max(1.0, num_ranks / (os.cpu_count() or 1)) if spawn else 1.0
+        self.exchange_timeout, self.max_rows = exchange_timeout * self.oversubscription, max_rows
         self.heartbeat_interval = heartbeat_interval
         # heartbeat silence that means dead: the detector's timeout (a busy, compiling worker's heartbeat
         # thread can wait on the GIL for a second or more; a stopped process is silent for good)
@@ -383,9 +387,11 @@ class MooncakeRuntime:
             log.warning("step %d: suspected but alive (not fenced): %s", self._step_seq,
                         "; ".join(f"rank {r}: {e}" for r, e in doubted.items()))
         injected = [self.injected_at.pop(r) for r in confirmed if r in self.injected_at]
+        said = "; ".join(f"rank {r} reported: {m.get('reason', '')[:160]}" for r, m in sorted(reports.items())[:2])
         reason = "; ".join(f"rank {r}: {e}" for r, e in confirmed.items()) or (
-            "a step failed with every rank alive" + (": " + "; ".join(f"rank {r}: {e}" for r, e in doubted.items())
-                                                     if doubted else ""))
+            f"step {self._step_seq} failed with every rank alive ({len(reports)} of {len(ranks)} ranks reported a "
+            f"failed exchange{': ' + said if said else ''})"
+            + ("; " + "; ".join(f"rank {r}: {e}" for r, e in doubted.items()) if doubted else ""))
         failure = RankFailure(sorted(confirmed), reason)
         failure.failed_at = min(injected) if injected else failure.detected_at
         raise failure

@@ -19,6 +19,10 @@ import time
 from ..model.loader import EXPERT_PARAMS, is_expert_path
 
 
+# failure reasons that say a peer was late, not that it is gone (weak evidence)
+LATE = ("deadline", "timed out", "abandoned", "still in flight", "blocked by a handshake")
+
+
 class Worker:
     def __init__(self, endpoint: str, rank: int, host: str = "127.0.0.1"):
         from .control import ControlClient
@@ -42,9 +46,7 @@ class Worker:
         from .detector import HeartbeatSender
         from .transport import Transport
         self.np, self.jnp, self.jax = np, jnp, jax
-        if msg.get("compilation_cache_dir"):    # shared by the workers of one host: one compiles, the rest load
-            from ..settings import enable_compilation_cache
-            enable_compilation_cache(msg["compilation_cache_dir"])
+        self.cache_dir = msg.get("compilation_cache_dir")
         self.cfg = from_hf_dict(msg["config"])
         self.dtype = DTYPES[msg["dtype"]]
         self.num_ranks, self.spr = int(msg["num_ranks"]), int(msg["slots_per_rank"])
@@ -197,10 +199,21 @@ class Worker:
     def compile(self, msg: dict):
         """Compiles the programs of these step shapes, so no rank compiles inside a step with deadlines."""
         from .step import StepShape
+        if self.cache_dir:      # shared by the workers of one host: one compiles, then the rest load; not
+            from ..settings import enable_compilation_cache     # on in init: all compile at once there
+            enable_compilation_cache(self.cache_dir)
+            self.cache_dir = None
         t = time.perf_counter()
         for sh in msg["shapes"]:
-            self._program(StepShape.from_list(sh))
+            shape = StepShape.from_list(sh)
+            self._program(shape)
+            self._ensure_cache(shape)   # its program compiles here too, not in the first step
         return {"compile_s": time.perf_counter() - t}
+
+    def _ensure_cache(self, shape):
+        if self.cache is None or self.cache_shape != (shape.slots, shape.cache_len):
+            self.cache = self.jax.jit(lambda: self._empty_cache(shape))()
+            self.cache_shape = (shape.slots, shape.cache_len)
 
     def _empty_cache(self, shape):
         from .spmd import abstract_model
@@ -211,13 +224,11 @@ class Worker:
     def step(self, msg: dict):
         """Runs one step of this rank's rows on its KV-cache slots; returns its next tokens and counts.
         The cache is kept across epochs: a failure elsewhere does not touch this rank's requests."""
-        jax, jnp, np = self.jax, self.jnp, self.np
+        jnp, np = self.jnp, self.np
         from .step import ROW_INPUTS, StepShape
         shape = StepShape.from_list(msg["shape"])
         fn = self._program(shape)
-        if self.cache is None or self.cache_shape != (shape.slots, shape.cache_len):
-            self.cache = jax.jit(lambda: self._empty_cache(shape))()
-            self.cache_shape = (shape.slots, shape.cache_len)
+        self._ensure_cache(shape)
         rows = [jnp.asarray(np.asarray(msg[name], np.dtype(dtype))) for name, (dtype, _) in ROW_INPUTS.items()]
         self.failure = None
         try:
@@ -229,8 +240,10 @@ class Worker:
             if res is None:
                 raise
             # a transfer that failed outright is evidence against the peer; one that only ran out of
-            # time is not (this rank may have been the slow one), like a missing signal
-            hard = {int(r) for r in res.direct if "deadline" not in str(res.failed.get(r, ""))}
+            # time is not (this rank may have been the slow one), like a missing signal, nor one refused
+            # because an earlier one to that peer timed out and is still in flight (an orphan), nor
+            # one held up by a handshake: on a loaded host those are lateness, and named live peers
+            hard = {int(r) for r in res.direct if not any(m in str(res.failed.get(r, "")) for m in LATE)}
             return {"ok": False, "failed_step": True, "direct": sorted(hard), "reason": str(e)[:300]}
         self.cache = cache
         return {"ok": True, "tokens": nxt.tolist(), "counts": np.asarray(counts).reshape(-1).tolist(),
