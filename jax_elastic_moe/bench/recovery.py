@@ -199,8 +199,16 @@ def simultaneous_rows(args, counts, prompts, restart_s, bar) -> list[dict]:
         with common.build_engine(args, **engine_extra(args)) as eng:
             reference = measure_run(eng, prompts, args.new_tokens)
             rows.append(failure_row(args, k, failed_ranks(args.ranks, k), eng, prompts, reference, restart_s))
+        save_partial(args, rows, restart_s)
         bar.update(1)
     return rows
+
+
+def save_partial(args, rows, restart_s):
+    """The rows so far to --json (marked partial): a long run that is stopped keeps what it measured."""
+    if args.json:
+        common.write_report(args.json, "recovery", args, restart_s=restart_s, rows=rows, partial=True,
+                            scenario="sequential" if args.sequential else "simultaneous")
 
 
 def sequential_rows(args, counts, prompts, restart_s, bar) -> list[dict]:
@@ -216,6 +224,7 @@ def sequential_rows(args, counts, prompts, restart_s, bar) -> list[dict]:
         for k in range(1, max(counts) + 1):
             bar.set_postfix_str(f"{k} failed")
             rows.append(failure_row(args, k, [order[k - 1]], eng, prompts, reference, restart_s, initial))
+            save_partial(args, rows, restart_s)
             bar.update(1)
     return rows
 
