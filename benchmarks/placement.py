@@ -65,6 +65,31 @@ def kill_one_rank(loads, num_ranks: int, slots_per_rank: int, expert_bytes: int,
                 mean_without_previous=float(np.mean([r["without_previous"]["moved_over_dead_rank"] for r in runs])))
 
 
+def kill_at_once(loads, num_ranks: int, slots_per_rank: int, expert_bytes: int, counts, repeats: int) -> dict:
+    """For each k of `counts`: k ranks (spread out) fail at once; the recovery decision (deepseek_global
+    over the survivors with previous=, what the controller runs) is timed, and the weights it loads
+    are compared with what the dead ranks held (a restore that moves only what the failure requires
+    loads about that much, whatever the rank count)."""
+    before = rebalance(loads, num_ranks, slots_per_rank, "deepseek_global")
+    rows = []
+    for k in counts:
+        dead = sorted({1 + (i * (num_ranks - 1)) // k for i in range(k)})
+        alive = np.ones(num_ranks, bool)
+        alive[dead] = False
+        held = int(sum((before.phy2log[:, d * slots_per_rank:(d + 1) * slots_per_rank] >= 0).sum() for d in dead))
+        cpu = time.process_time()
+        after, seconds = timed(repeats, lambda: rebalance(loads, num_ranks, slots_per_rank, "deepseek_global",
+                                                          alive=alive, previous=before))
+        cpu = (time.process_time() - cpu) / repeats      # CPU seconds: what a shared machine's load does not add
+        plan_s = timed(repeats, lambda: movement(before, after, expert_bytes, alive=alive))[1]
+        moved = movement(before, after, expert_bytes, alive=alive)
+        rows.append(dict(failed=k, dead_ranks=dead, dead_ranks_experts=held, decide_seconds=seconds,
+                         decide_cpu_seconds=cpu, move_plan_seconds=plan_s, moved=moved.moved, moved_over_dead=moved.moved / held,
+                         restored=moved.restored, bytes=moved.bytes,
+                         imbalance_max=float(after.imbalance(loads, alive).max())))
+    return dict(rows=rows)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="benchmarks/placement.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default="configs/deepseek_v3.yaml", help="model preset for the expert size")
@@ -76,6 +101,8 @@ def main(argv=None) -> int:
     parser.add_argument("--bytes-per-param", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5, help="timing: median of this many runs")
     parser.add_argument("--kills", type=int, default=8, help="kill each of this many ranks in turn (spread out)")
+    parser.add_argument("--fail-counts", default="1,2,4,8,16",
+                        help="ranks failing at once: time the recovery decision and count the weights it moves")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", metavar="FILE")
     args = parser.parse_args(argv)
@@ -91,7 +118,9 @@ def main(argv=None) -> int:
         policies=balance_and_time(loads, args.ranks, slots_per_rank, args.repeats),
         policies_one_redundant_per_rank=dict(slots_per_rank=small_slots, results=balance_and_time(
             loads, args.ranks, small_slots, args.repeats)),
-        kill_one_rank=kill_one_rank(loads, args.ranks, slots_per_rank, expert_bytes, dead_ranks, args.repeats))
+        kill_one_rank=kill_one_rank(loads, args.ranks, slots_per_rank, expert_bytes, dead_ranks, args.repeats),
+        kill_at_once=kill_at_once(loads, args.ranks, slots_per_rank, expert_bytes,
+                                  [int(k) for k in args.fail_counts.split(",") if k.strip()], args.repeats))
     print(f"{args.layers} layers, {args.experts} experts, Zipf({args.zipf:g}), {args.ranks} ranks")
     for title, slots, results in ((f"{args.redundant} redundant", slots_per_rank, report["policies"]),
                                   (f"{args.ranks} redundant", small_slots,
@@ -112,6 +141,13 @@ def main(argv=None) -> int:
               f"{wo['moved']:>13} {wo['bytes'] / 2**30:>7.1f} {wo['imbalance_max']:>9.4f}")
     print(f"  moved / dead rank's experts: with previous= mean {kill['mean_with_previous']:.3f}, "
           f"worst {kill['worst_with_previous']:.3f}; without: mean {kill['mean_without_previous']:.2f}")
+    print("\nk ranks failing at once (deepseek_global with previous=, the controller's decision)")
+    print(f"  {'k':>3} {'their experts':>13} {'moved':>7} {'/ theirs':>8} {'restored':>8} {'decide s':>9} "
+          f"{'(CPU s)':>8} {'move plan s':>11} {'imbalance':>9}")
+    for r in report["kill_at_once"]["rows"]:
+        print(f"  {r['failed']:>3} {r['dead_ranks_experts']:>13} {r['moved']:>7} {r['moved_over_dead']:>8.3f} "
+              f"{r['restored']:>8} {r['decide_seconds']:>9.4f} "
+              f"{r['decide_cpu_seconds']:>8.4f} {r['move_plan_seconds']:>11.4f} {r['imbalance_max']:>9.4f}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)

@@ -64,7 +64,8 @@ class Engine:
                                             exchange_timeout=exchange_timeout, heartbeat_interval=heartbeat_interval,
                                             heartbeat_timeout=heartbeat_timeout, spawn=spawn_workers,
                                             endpoint=controller_endpoint, backend=ep_backend,
-                                            max_rows=self.seqs_per_rank + prefill_rows * prefill_chunk)
+                                            max_rows=self.seqs_per_rank + prefill_rows * prefill_chunk,
+                                            params=params)
         # a dropped engine (no close()) still stops what its runtime started (worker processes)
         self._finalizer = weakref.finalize(self, self._runtime.close)
         self._scheduler = Scheduler(self._runtime.live, self.seqs_per_rank, prefill_rows, prefill_chunk,

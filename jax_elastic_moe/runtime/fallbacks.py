@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import io
 import itertools
+import math
 import threading
 import time
 import warnings
-from typing import Callable
+from typing import Callable, Iterator
 
 import jax
 import numpy as np
@@ -82,6 +83,26 @@ def within_mapping_budget(share: float = 0.5) -> bool:
     return limit == 0 or used < share * limit
 
 
+def likely_failures(alive: list[int], m: int, limit: int | None, rng) -> "Iterator[tuple]":
+    """Sets of `m` ranks of `alive` to prepare for, most likely first: every set when there are at
+    most `limit` (None: no limit) in a random order for m > 1, else `limit` distinct random ones,
+    drawn without listing all C(len(alive), m) of them (C(32, 16) is 6e8)."""
+    total = math.comb(len(alive), m)
+    if limit is None or total <= limit:
+        sets = list(itertools.combinations(alive, m))
+        order = range(len(sets)) if m == 1 else rng.permutation(len(sets))
+        yield from (sets[i] for i in order)
+        return
+    seen: set = set()
+    for _ in range(20 * limit):
+        if len(seen) >= limit:
+            return
+        dead = tuple(sorted(np.asarray(alive)[rng.choice(len(alive), m, replace=False)].tolist()))
+        if dead not in seen:
+            seen.add(dead)
+            yield dead
+
+
 class FallbackPrograms:
     """Programs loaded per survivor set (frozenset of global ranks) for the engine's step shapes.
 
@@ -104,6 +125,7 @@ class FallbackPrograms:
         self._thread: threading.Thread | None = None
         self._cancel = threading.Event()
         self._freer: threading.Thread | None = None
+        self.report: dict = {}     # what the last background preparation did (sizes, sets, budget)
 
     def start(self, alive: list[int], shapes: list, compile_for: Callable):
         """In the background: programs for every mesh size up to `depth` failures away from `alive`."""
@@ -114,6 +136,8 @@ class FallbackPrograms:
             return
         self._cancel = cancel = threading.Event()
         depth = min(self.depth, len(alive) - 1)
+        self.report = {"alive": len(alive), "depth": depth, "compiled_sizes": [], "compile_s": 0.0,
+                       "loaded_sets": {}, "stopped_by": None, "mappings": None}
 
         def prepare_size(m: int) -> bool:
             size = len(alive) - m
@@ -137,17 +161,18 @@ class FallbackPrograms:
         first = [s for s in shapes if getattr(s, "kind", None) == "decode"] or list(shapes)
 
         def work():
+            t0 = time.perf_counter()
             sizes = [m for m in range(1, depth + 1) if not cancel.is_set() and prepare_size(m)]
+            self.report["compiled_sizes"] = sorted(len(alive) - m for m in sizes)
+            self.report["compile_s"] = time.perf_counter() - t0
             budget = self.budget
             rng = np.random.RandomState(0)
             for m in sizes:
-                sets = list(itertools.combinations(alive, m))
-                if m > 1:
-                    sets = [sets[i] for i in rng.permutation(len(sets))]
-                for dead in sets:
+                for dead in likely_failures(alive, m, budget if m > 1 else None, rng):
                     if cancel.is_set():
                         return
                     if (m > 1 and budget <= 0) or not within_mapping_budget():
+                        self.report["stopped_by"] = "sets budget" if budget <= 0 else "memory mappings"
                         break
                     keep = frozenset(alive) - set(dead)
                     if keep not in self.loaded:
@@ -155,7 +180,9 @@ class FallbackPrograms:
                         if got is None:
                             break
                         self.loaded[keep] = got
+                        self.report["loaded_sets"][m] = self.report["loaded_sets"].get(m, 0) + 1
                         budget -= m > 1
+            self.report["mappings"] = list(memory_mappings())
             self._done_for = key
         self._thread = threading.Thread(target=work, daemon=True, name="jem-precompile")
         self._thread.start()

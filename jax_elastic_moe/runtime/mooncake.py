@@ -10,10 +10,14 @@ epochs, and its programs: a step's per-rank shape does not depend on how many ra
 from __future__ import annotations
 
 import itertools
+import json
+import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -28,6 +32,26 @@ from .detector import ControllerBeacon, HeartbeatMonitor, new_incarnation
 from .loopback import proc_state
 from .protocol import register_messages
 from .step import input_rows, out_rows
+
+log = logging.getLogger(__name__)
+
+
+def save_weights(path: str, params: dict):
+    """params {path tuple: array} as one .npz of raw bytes (bfloat16 too), with each array's dtype
+    name and shape; load_weights reads it back."""
+    meta = {"/".join(map(str, p)): [np.asarray(a).dtype.name, list(np.shape(a))] for p, a in params.items()}
+    np.savez(path, __meta__=np.frombuffer(json.dumps(meta).encode(), np.uint8),
+             **{k: np.ascontiguousarray(params[p]).reshape(-1).view(np.uint8)
+                for k, p in zip(meta, params)})
+
+
+def load_weights(path: str) -> dict:
+    """The params of save_weights: {path tuple: array}."""
+    import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy)
+    with np.load(path) as f:
+        meta = json.loads(bytes(f["__meta__"]).decode())
+        return {tuple(int(x) if x.isdigit() else x for x in k.split("/")):
+                f[k].view(np.dtype(dtype)).reshape(shape) for k, (dtype, shape) in meta.items()}
 
 
 class WorkerProcess:
@@ -71,13 +95,28 @@ class MooncakeRuntime:
                  backup: dict | None, *, exchange_timeout: float = 1.0, heartbeat_interval: float = 0.2,
                  heartbeat_timeout: float = 3.0, start_timeout: float = 300.0, max_rows: int = 4096,
                  endpoint: str = "tcp://127.0.0.1:0", spawn: bool = True, worker_host: str = "127.0.0.1",
-                 backend: str = "auto"):
+                 backend: str = "auto", params: dict | None = None):
         register_messages()
+        # the weights for spawned workers without a checkpoint, in one file they map: without it each of
+        # N workers builds the whole random model itself (one XLA compile each: at 32 workers on 2
+        # cores that alone took over 5 minutes)
+        # spawned workers share a directory: the weights file, and a compilation cache in which one
+        # worker compiles each step program and the others load it (the programs are the same for
+        # every rank: 32 workers compiling on 2 cores did not finish in 5 minutes)
+        self._tmp = tempfile.mkdtemp(prefix="jem-workers-") if spawn else None
+        self._weights_file = None
+        if params is not None and spawn and not source.get("checkpoint"):
+            self._weights_file = os.path.join(self._tmp, "params.npz")
+            save_weights(self._weights_file, params)
         self.cfg, self.source, self.dtype = cfg, source, dtype
         self.num_ranks, self.spr = num_ranks, placement.slots_per_rank
         self.placement = placement
         self.backup = backup
-        self.exchange_timeout, self.max_rows = exchange_timeout, max_rows
+        # more local workers than cores: the ranks' steps are time-sliced, so the skew between a rank
+        # that enters an exchange and the last peer to reach it grows with workers / cores; the
+        # deadline grows with it (a killed peer is still found in milliseconds: failed writes, /proc)
+        self.oversubscription = max(1.0, num_ranks / (os.cpu_count() or 1)) if spawn else 1.0
+        self.exchange_timeout, self.max_rows = exchange_timeout * self.oversubscription, max_rows
         self.heartbeat_interval = heartbeat_interval
         # heartbeat silence that means dead: the detector's timeout (a busy, compiling worker's heartbeat
         # thread can wait on the GIL for a second or more; a stopped process is silent for good)
@@ -93,6 +132,7 @@ class MooncakeRuntime:
         self.shapes: list = []                      # the step shapes every live worker has compiled
         self.programs: dict[int, int] = {}          # rank -> programs it had compiled at its last step
         self.injected_at: dict[int, float] = {}     # fault injection time per rank (detection timing)
+        self._pinged = self._step_started = time.monotonic()
         self._closed = False
         self.server = ControlServer(endpoint)
         self.endpoint = self.server.endpoint
@@ -127,16 +167,24 @@ class MooncakeRuntime:
         for r in ranks:
             self.workers[r] = self._spawn(r) if spawn else WorkerProcess(r, None)
         waiting, deadline = set(ranks), time.monotonic() + self.start_timeout
+        tries = {r: 1 for r in ranks}
         while waiting:
-            gone = [r for r in sorted(waiting) if self.workers[r].exited()]
-            if gone:
-                raise RuntimeError(f"worker process of rank {gone[0]} exited with status "
-                                   f"{self.workers[gone[0]].proc.returncode} before it said hello")
+            self._keepalive()
+            for r in [r for r in sorted(waiting) if self.workers[r].exited()]:
+                status = self.workers[r].proc.returncode
+                if tries[r] >= self.SPAWN_ATTEMPTS:
+                    raise RuntimeError(f"worker process of rank {r} exited with status {status} before it said "
+                                       f"hello, {tries[r]} times")
+                log.warning("worker process of rank %d exited with status %s before it said hello; starting it "
+                            "again (attempt %d of %d)", r, status, tries[r] + 1, self.SPAWN_ATTEMPTS)
+                tries[r] += 1
+                self.workers[r] = self._spawn(r)
             try:
                 inc = self.server.recv(min(0.2, max(0.0, deadline - time.monotonic())))
             except ControlTimeout:
                 if time.monotonic() >= deadline:
-                    raise TimeoutError(f"ranks {sorted(waiting)} did not start within {self.start_timeout} s")
+                    raise TimeoutError(f"ranks {sorted(waiting)} did not say hello within {self.start_timeout} s "
+                                       f"(the others did)")
                 continue
             if inc.msg["type"] == "hello" and inc.msg["rank"] in waiting:
                 r = int(inc.msg["rank"])
@@ -157,7 +205,24 @@ class MooncakeRuntime:
                        active=self.active.tolist(), exchange_timeout=self.exchange_timeout,
                        heartbeat_endpoint=self.heartbeat_endpoint, heartbeat_interval=self.heartbeat_interval,
                        controller_beacon=self.beacon.endpoint, controller_timeout=self.controller_timeout,
-                       incarnation=new_incarnation(), backend=self.backend)
+                       incarnation=new_incarnation(), backend=self.backend,
+                       weights_file=self._weights_file,
+                       compilation_cache_dir=os.path.join(self._tmp, "xla") if self._tmp else None)
+
+    KEEPALIVE_S = 10.0
+    INSTALL_ATTEMPTS = 3
+    SPAWN_ATTEMPTS = 3
+
+    def _keepalive(self):
+        """Every KEEPALIVE_S, a ping to every worker not known dead: a worker waiting for the others
+        (their init or compile) must not take the controller for gone (its idle timeout)."""
+        now = time.monotonic()
+        if now - self._pinged < self.KEEPALIVE_S:
+            return
+        self._pinged = now
+        for r, w in self.workers.items():
+            if not w.exited():
+                self.server.send(f"rank-{r}".encode(), message("ping"))
 
     def _recv(self, deadline: float, what: str):
         try:
@@ -176,6 +241,7 @@ class MooncakeRuntime:
             self.server.send(f"rank-{r}".encode(), msg)
         replies, deadline = {}, time.monotonic() + timeout
         while len(replies) < len(ranks):
+            self._keepalive()
             dead = [r for r in ranks if r not in replies and r in self.workers and self._dead_now(r)]
             if dead:
                 failure = RankFailure(dead, "; ".join(f"rank {r}: {self._evidence(r)} during {what}" for r in dead))
@@ -209,8 +275,11 @@ class MooncakeRuntime:
         compiles."""
         ranks = self.live if ranks is None else ranks
         t = time.perf_counter()
-        self._command(ranks, lambda r: message("compile", id=next(self._ids), shapes=[s.as_list() for s in shapes]),
-                      timeout=self.start_timeout, what="compile")
+        compile_msg = lambda r: message("compile", id=next(self._ids), shapes=[s.as_list() for s in shapes])  # noqa: E731
+        if self._tmp is not None and len(ranks) > 1:    # one compiles into the shared cache, then the rest load
+            self._command(ranks[:1], compile_msg, timeout=self.start_timeout, what="compile")
+            ranks = ranks[1:]
+        self._command(ranks, compile_msg, timeout=self.start_timeout, what="compile")
         self.shapes = list(shapes)
         return time.perf_counter() - t
 
@@ -229,6 +298,7 @@ class MooncakeRuntime:
     def _step(self, batch):
         """Sends each live rank its rows of the batch; returns (next tokens [rows], counts [Lm, E])."""
         self._step_seq += 1
+        self._step_started = time.monotonic()
         per_input = input_rows(batch.shape)
         ids = {}
         for i, r in enumerate(self.live):
@@ -268,22 +338,33 @@ class MooncakeRuntime:
             "process stopped" if self.workers[rank].stopped() else "",
             f"no heartbeat for {self._silent_s(rank):.1f} s" if self._silent_s(rank) > self.hb_dead_after else ""]))
 
+    STEP_HARD_LIMIT_S = 600.0
+
+    def _heartbeating(self, rank: int) -> bool:
+        """Its heartbeats arrive: silent for less than max(1 s, 5 heartbeat intervals)."""
+        return self._silent_s(rank) < max(1.0, 5 * self.heartbeat_interval)
+
     def _collect(self, ids: dict, b: int):
         """Waits until every rank has answered the step (tokens, or a report of a failed exchange) or
-        is known dead: its process exited, its heartbeats stopped, or a peer's transfer to it failed.
-        A rank that is only slow keeps heartbeating and is waited for, never declared dead: when a
-        step fails with nobody dead (a timeout from compute skew) the RankFailure names no rank and
-        the engine runs the step again. Every live rank has left the step when this returns."""
+        is known dead (its process exited or stopped; remote: its heartbeats stopped). A rank that is
+        only slow keeps heartbeating and is waited for, never declared dead, also past the step's
+        usual limit (up to STEP_HARD_LIMIT_S: a rank that heartbeats but never answers is wedged).
+        Suspicions are then confirmed one rank at a time, each on its own evidence (_confirm), so a
+        cascade (peers that time out on one slow or dead rank name each other) fences only the ranks
+        that are dead. A step that failed with nobody confirmed dead raises a RankFailure naming no
+        rank: the engine runs the step again. Every live rank has left the step when this returns."""
         replies, reports = {}, {}
         ranks = set(ids.values())
-        limit = time.monotonic() + max(60.0, 4 * len(self.moe_layer_ids) * self.exchange_timeout + 30.0)
+        start = time.monotonic()
+        limit = start + max(60.0, 4 * len(self.moe_layer_ids) * self.exchange_timeout + 30.0)
+        hard = start + max(self.STEP_HARD_LIMIT_S, limit - start)
         while True:
-            direct = set()
-            for m in reports.values():
-                direct |= {int(x) for x in m["direct"]}
+            self._keepalive()
             missing = ranks - set(replies) - set(reports)
             dead = {r for r in missing if self._dead_now(r)}
-            if not missing - dead - direct or time.monotonic() >= limit:
+            now = time.monotonic()
+            if not missing - dead or now >= hard or (
+                    now >= limit and not all(self._heartbeating(r) for r in missing - dead)):
                 break
             try:
                 inc = self.server.recv(0.01)
@@ -301,16 +382,51 @@ class MooncakeRuntime:
                 raise RuntimeError(f"rank {r} failed a step: {m.get('reason')}")
         if len(replies) == len(ids):
             return self._merge(replies, b)
-        # still missing at the limit: heartbeating but never answering (a wedged step): dead too
-        unanswered = ranks - set(replies) - set(reports)
-        dead = sorted((dead | (direct & ranks) | unanswered) & ranks)
-        evidence = {r: ", ".join(filter(None, [self._evidence(r), "a peer's transfer to it failed" if r in direct
-                                                else "", "no answer" if r in unanswered else ""])) for r in dead}
-        injected = [self.injected_at.pop(r) for r in dead if r in self.injected_at]
-        failure = RankFailure(dead, "; ".join(f"rank {r}: {e}" for r, e in evidence.items())
-                              or "a step timed out with every rank alive")
+        unanswered = ranks - set(replies) - set(reports) - dead
+        named: dict[int, set] = {}                  # rank -> the ranks whose transfers to it failed outright
+        for r, m in reports.items():
+            for x in m["direct"]:
+                named.setdefault(int(x), set()).add(r)
+        confirmed, doubted = {}, {}
+        for r in sorted((set(named) | dead | unanswered) & ranks):
+            ok, why = self._confirm(r, named.get(r, set()), r in unanswered)
+            (confirmed if ok else doubted)[r] = why
+        if doubted:
+            log.warning("step %d: suspected but alive (not fenced): %s", self._step_seq,
+                        "; ".join(f"rank {r}: {e}" for r, e in doubted.items()))
+        injected = [self.injected_at.pop(r) for r in confirmed if r in self.injected_at]
+        said = "; ".join(f"rank {r} reported: {m.get('reason', '')[:160]}" for r, m in sorted(reports.items())[:2])
+        reason = "; ".join(f"rank {r}: {e}" for r, e in confirmed.items()) or (
+            f"step {self._step_seq} failed with every rank alive ({len(reports)} of {len(ranks)} ranks reported a "
+            f"failed exchange{': ' + said if said else ''})"
+            + ("; " + "; ".join(f"rank {r}: {e}" for r, e in doubted.items()) if doubted else ""))
+        failure = RankFailure(sorted(confirmed), reason)
         failure.failed_at = min(injected) if injected else failure.detected_at
         raise failure
+
+    def _confirm(self, rank: int, named_by: set, unanswered: bool) -> tuple[bool, str]:
+        """Whether `rank` is dead, on its own evidence, and the evidence: its process exited or is
+        stopped (local workers: /proc, exact); its heartbeats stopped (remote); it named itself (its
+        own transfers fail: a broken endpoint in a live process); remote only: a peer's transfer to
+        it failed outright and its heartbeats are late too; or it heartbeats but has not answered
+        the step within STEP_HARD_LIMIT_S (wedged). A rank named by peers, or late, whose process
+        runs and whose heartbeats arrive is slow, not dead."""
+        w = self.workers[rank]
+        facts = [f"process exited (status {w.proc.returncode})" if w.exited() else "",
+                 "process stopped" if w.stopped() else "",
+                 f"no heartbeat for {self._silent_s(rank):.1f} s" if not self._heartbeating(rank) else "",
+                 f"transfers to it failed (reported by ranks {sorted(named_by - {rank})})" if named_by - {rank} else "",
+                 "its own transfers fail" if rank in named_by else "",
+                 "no answer to the step" if unanswered else ""]
+        why = ", ".join(filter(None, facts))
+        if self._dead_now(rank) or rank in named_by:
+            return True, why
+        if named_by and w.stopped() is None and not self._heartbeating(rank):
+            return True, why
+        if unanswered and time.monotonic() - self._step_started >= self.STEP_HARD_LIMIT_S:
+            return True, why + f" for {self.STEP_HARD_LIMIT_S:.0f} s though its heartbeats arrive (wedged)"
+        state = "process running" if w.proc is not None else "remote"
+        return False, f"{why}; but {state} and heartbeats arriving: slow, not dead"
 
     def _merge(self, replies: dict, b: int):
         n = len(self.live)
@@ -325,11 +441,12 @@ class MooncakeRuntime:
     # -- epochs ---------------------------------------------------------------------------------------
     def fence(self, ranks):
         """Makes sure ranks declared dead are dead (a paused or dropping process must not come back)."""
-        for r in ranks:
-            w = self.workers.get(r)
-            if w is not None:
-                w.kill()
-                self.monitor.unwatch(r)
+        fenced = [self.workers[r] for r in ranks if r in self.workers]
+        for w in fenced:                    # every signal first, then the waits: k failures cost one wait
+            w.signal(signal.SIGKILL)
+        for w in fenced:
+            w.kill()
+            self.monitor.unwatch(w.rank)
 
     def load_plan(self, old: Placement, new: Placement, fresh: set[int]) -> dict[int, list]:
         """Per live rank, the slots it must load for `new`: (moe layer, local slot, source)."""
@@ -361,9 +478,24 @@ class MooncakeRuntime:
         self.active = np.asarray(active, np.int32)
         self.live = [r for r in range(self.num_ranks) if self.active[r]]
         peers = {str(r): self.workers[r].address for r in self.live}
-        self._command(self.live, lambda r: message("install", id=next(self._ids), peers=peers,
-                                                    active=self.active.tolist(), log2phy=placement.log2phy.tolist()),
-                      timeout=60, what="install the epoch")
+        # a new peer's handshake on a loaded host (32 ranks on 2 cores) can take seconds: the workers'
+        # connect timeout grows with the peers, and a failed handshake is tried again (bounded)
+        connect = max(5.0, 0.5 * len(self.live))
+        for attempt in range(self.INSTALL_ATTEMPTS):
+            try:
+                self._command(self.live, lambda r: message("install", id=next(self._ids), peers=peers,
+                                                            active=self.active.tolist(),
+                                                            log2phy=placement.log2phy.tolist(),
+                                                            connect_timeout=connect),
+                              timeout=60 + connect, what="install the epoch")
+                break
+            except RankFailure:
+                raise
+            except RuntimeError as e:           # a rank could not reach a peer (PeerFailure in its reply)
+                if attempt + 1 == self.INSTALL_ATTEMPTS:
+                    raise RuntimeError(f"{e} (after {self.INSTALL_ATTEMPTS} attempts)") from None
+                log.warning("install the epoch, attempt %d: %s; trying again", attempt + 1, e)
+                time.sleep(0.5 * (attempt + 1))
         plan = self.load_plan(old, placement, set(fresh)) if loads is None else loads
         stats = {"kept": 0, "peer": 0, "local": 0, "backup": 0}
         for items in plan.values():
@@ -435,3 +567,5 @@ class MooncakeRuntime:
         self.monitor.stop()
         self.beacon.stop()
         self.server.close()
+        if self._tmp is not None:
+            shutil.rmtree(self._tmp, ignore_errors=True)

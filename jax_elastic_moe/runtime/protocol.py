@@ -16,11 +16,14 @@ COMMANDS = {
     "commit": ("id",),
     "fault": ("id", "how"),
 }
+# controller -> worker, no reply: "the controller is alive" (a worker exits after its idle timeout
+# without a word; at 32 ranks on 2 cores the others' init or compile can take longer than that)
+KEEPALIVE = {"ping": ()}
 # worker -> controller
 NOTES = {"hello": ("rank", "pid"), "reply": ("rank", "id", "ok")}
 
 
 def register_messages():
-    for name, fields in {**COMMANDS, **NOTES}.items():
+    for name, fields in {**COMMANDS, **KEEPALIVE, **NOTES}.items():
         if MESSAGE_FIELDS.get(name) != frozenset(fields):
             register_message(name, fields)   # raises if the name is taken with other fields

@@ -26,7 +26,7 @@ from ..model.loader import EXPERT_PARAMS, is_expert_path
 from ..model.moe import EPContext
 from ..model.sharding import EP_AXIS, batch_spec, param_spec
 from ..placement import Placement
-from ..placement.movement import plan_moves
+from ..placement.movement import KINDS, plan_move_arrays, plan_moves
 from .base import Applied
 from .controller import RankFailure, compact
 from .fallbacks import FallbackPrograms, Portable
@@ -124,27 +124,33 @@ class SpmdRunner:
         widened = np.full((placement.num_layers, self.placement.num_slots), -1, np.int32)
         cols = np.nonzero(np.repeat(alive, spr))[0]
         widened[:, cols] = placement.phy2log
-        stats = {"kept": 0, "local": 0, "peer": 0, "backup": 0}
+        plan = plan_move_arrays(self.placement.phy2log, widened, spr, alive)
+        stats = {kind: int((plan["kind"] == i).sum()) for i, kind in enumerate(KINDS)}
+        # only the slots that change are touched: a survivor whose slots all keep their expert keeps
+        # its shard as it is (rewrapped); the others copy their shard through host memory once and
+        # write the moved slots into it (no compilation on the recovery path)
+        moving = plan["kind"] != 0
         by_layer: dict[int, list] = {}
-        for mv in plan_moves(self.placement.phy2log, widened, spr, alive):
-            stats[mv.kind] += 1
-            by_layer.setdefault(mv.layer, []).append(mv)
+        for m, slot, e, kind, src in zip(*(plan[k][moving].tolist() for k in ("layer", "slot", "expert", "kind",
+                                                                              "source"))):
+            by_layer.setdefault(m, []).append((slot, e, kind, src))
         params = {}
         for path, _ in self._variables:
             key = key_of(path)
             if not is_expert_path(path):
                 params[key] = self._rewrap(self.params[key], new, P())
                 continue
-            m = self.moe_index(path)
+            moves = by_layer.get(self.moe_index(path), [])
             shards = {s.device: s.data for s in self.params[key].addressable_shards}
-            # slots go through host memory: a copy, no compilation on the recovery path
-            local = {r: np.asarray(shards[self.devices[r]]) for r in keep}
-            blocks = {r: np.zeros_like(local[r]) for r in keep}
-            for mv in by_layer.get(m, []):
-                r, j = divmod(mv.slot, spr)
-                blocks[r][j] = (backup[path][mv.expert] if mv.kind == "backup"
-                                else local[mv.source // spr][mv.source % spr])
-            pieces = [jax.device_put(blocks[r], self.devices[r]) for r in keep]
+            targets = sorted({slot // spr for slot, *_ in moves})
+            sources = sorted({src // spr for _, _, kind, src in moves if kind != 3} | set(targets))
+            host = {r: np.asarray(shards[self.devices[r]]) for r in sources}
+            blocks = {r: host[r].copy() for r in targets}
+            for slot, e, kind, src in moves:
+                r, j = divmod(slot, spr)
+                blocks[r][j] = backup[path][e] if kind == 3 else host[src // spr][src % spr]
+            pieces = [jax.device_put(blocks[r], self.devices[r]) if r in blocks else shards[self.devices[r]]
+                      for r in keep]
             shape = (placement.num_slots,) + tuple(self.params[key].shape[1:])
             params[key] = jax.make_array_from_single_device_arrays(shape, new._sharding(param_spec(path)), pieces)
         new.params = params

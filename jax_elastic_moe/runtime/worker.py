@@ -19,6 +19,10 @@ import time
 from ..model.loader import EXPERT_PARAMS, is_expert_path
 
 
+# failure reasons that say a peer was late, not that it is gone (weak evidence)
+LATE = ("deadline", "timed out", "abandoned", "still in flight", "blocked by a handshake")
+
+
 class Worker:
     def __init__(self, endpoint: str, rank: int, host: str = "127.0.0.1"):
         from .control import ControlClient
@@ -43,6 +47,7 @@ class Worker:
         from .detector import HeartbeatSender
         from .transport import Transport
         self.np, self.jnp, self.jax = np, jnp, jax
+        self.cache_dir = msg.get("compilation_cache_dir")
         self.cfg = from_hf_dict(msg["config"])
         self.dtype = DTYPES[msg["dtype"]]
         self.num_ranks, self.spr = int(msg["num_ranks"]), int(msg["slots_per_rank"])
@@ -50,6 +55,9 @@ class Worker:
         self.backend = msg.get("backend", "auto")
         if msg.get("checkpoint"):
             _, params = load_checkpoint(msg["checkpoint"], self.dtype)
+        elif msg.get("weights_file"):       # the controller's weights: no model to build here
+            from .mooncake import load_weights
+            params = load_weights(msg["weights_file"])
         else:
             params = random_params(self.cfg, self.dtype, int(msg["seed"]))
         self.moe_layer_ids = [i for i, m in enumerate(self.cfg.moe_layers) if m]
@@ -183,23 +191,42 @@ class Worker:
         from .spmd import abstract_model
         from .step import make_step, row_abstract
         graphdef, variables = abstract_model(self.cfg, self.spr, jnp.dtype(self.dtype))
-        body = make_step(graphdef, variables, self.key_of, shape, num_ranks=self.num_ranks, slots_per_rank=self.spr,
-                         backend=self.backend, rank=self.rank, exchange_for=self._exchange_fn)
+
+        def program(*args):
+            # the rank is an argument, not a constant: every rank's program is the same, so with the
+            # shared compilation cache one worker compiles it and the others load it
+            *args, rank = args
+            body = make_step(graphdef, variables, self.key_of, shape, num_ranks=self.num_ranks,
+                             slots_per_rank=self.spr, backend=self.backend, rank=rank,
+                             exchange_for=self._exchange_fn)
+            return body(*args)
         sds = jax.ShapeDtypeStruct
         params = {k: sds(a.shape, a.dtype) for k, a in {**self.dense, **self.experts}.items()}
         cache = jax.eval_shape(lambda: self._empty_cache(shape))
-        compiled = jax.jit(body).lower(params, cache, *row_abstract(shape), sds(self.log2phy.shape, jnp.int32),
-                                       sds(self.active_dev.shape, jnp.int32), sds((), jnp.int32)).compile()
+        compiled = jax.jit(program).lower(params, cache, *row_abstract(shape), sds(self.log2phy.shape, jnp.int32),
+                                          sds(self.active_dev.shape, jnp.int32), sds((), jnp.int32),
+                                          sds((), jnp.int32)).compile()
         self.compiled[shape] = compiled
         return compiled
 
     def compile(self, msg: dict):
         """Compiles the programs of these step shapes, so no rank compiles inside a step with deadlines."""
         from .step import StepShape
+        if self.cache_dir:      # shared by the workers of one host: one compiles, then the rest load; not
+            from ..settings import enable_compilation_cache     # on in init: all compile at once there
+            enable_compilation_cache(self.cache_dir)
+            self.cache_dir = None
         t = time.perf_counter()
         for sh in msg["shapes"]:
-            self._program(StepShape.from_list(sh))
+            shape = StepShape.from_list(sh)
+            self._program(shape)
+            self._ensure_cache(shape)   # its program compiles here too, not in the first step
         return {"compile_s": time.perf_counter() - t}
+
+    def _ensure_cache(self, shape):
+        if self.cache is None or self.cache_shape != (shape.slots, shape.cache_len):
+            self.cache = self.jax.jit(lambda: self._empty_cache(shape))()
+            self.cache_shape = (shape.slots, shape.cache_len)
 
     def _empty_cache(self, shape):
         from .spmd import abstract_model
@@ -210,27 +237,27 @@ class Worker:
     def step(self, msg: dict):
         """Runs one step of this rank's rows on its KV-cache slots; returns its next tokens and counts.
         The cache is kept across epochs: a failure elsewhere does not touch this rank's requests."""
-        jax, jnp, np = self.jax, self.jnp, self.np
+        jnp, np = self.jnp, self.np
         from .step import ROW_INPUTS, StepShape, input_rows
         shape = StepShape.from_list(msg["shape"])
         fn = self._program(shape)
-        if self.cache is None or self.cache_shape != (shape.slots, shape.cache_len):
-            self.cache = jax.jit(lambda: self._empty_cache(shape))()
-            self.cache_shape = (shape.slots, shape.cache_len)
+        self._ensure_cache(shape)
         rows = [jnp.asarray(np.asarray(msg[name], np.dtype(ROW_INPUTS[name.removeprefix("decode_")][0])))
                 for name in input_rows(shape)]
         self.failure = None
         try:
             nxt, cache, counts = fn({**self.dense, **self.experts}, self.cache, *rows, self.log2phy,
-                                    self.active_dev, jnp.int32(msg["step"]))
+                                    self.active_dev, jnp.int32(msg["step"]), jnp.int32(self.rank))
             nxt = np.asarray(nxt)
         except Exception as e:  # the exchange raised inside the step: report the suspects
             res = self._exchange_failure(msg["step"])
             if res is None:
                 raise
             # a transfer that failed outright is evidence against the peer; one that only ran out of
-            # time is not (this rank may have been the slow one), like a missing signal
-            hard = {int(r) for r in res.direct if "deadline" not in str(res.failed.get(r, ""))}
+            # time is not (this rank may have been the slow one), like a missing signal, nor one refused
+            # because an earlier one to that peer timed out and is still in flight (an orphan), nor
+            # one held up by a handshake: on a loaded host those are lateness, and named live peers
+            hard = {int(r) for r in res.direct if not any(m in str(res.failed.get(r, "")) for m in LATE)}
             return {"ok": False, "failed_step": True, "direct": sorted(hard), "reason": str(e)[:300]}
         self.cache = cache
         return {"ok": True, "tokens": nxt.tolist(), "counts": np.asarray(counts).reshape(-1).tolist(),
@@ -242,7 +269,7 @@ class Worker:
         from .peers import PeerAddress
         peers = {int(r): PeerAddress.from_dict(a) for r, a in msg["peers"].items()}
         try:
-            self.transport.set_peers(peers)
+            self.transport.set_peers(peers, timeout=float(msg.get("connect_timeout", 5.0)))
         finally:    # the peers that could be reached are installed either way
             if self.native is not None:
                 self.native.install()
@@ -310,6 +337,8 @@ class Worker:
             last = time.monotonic()
             if msg["type"] == "shutdown":
                 return 0
+            if msg["type"] == "ping":
+                continue
             try:
                 out = {"ok": True, **handlers[msg["type"]](msg)}
                 reply = message("reply", rank=self.rank, id=msg.get("id", 0), **out)
