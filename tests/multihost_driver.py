@@ -41,7 +41,6 @@ def main(spec: dict) -> dict:
             while len(eng.step_log) < steps0 + fault["at_step"]:
                 time.sleep(0.002)
             out["fault_at"] = time.perf_counter()
-            print(f"fault at monotonic {time.monotonic():.3f}", file=sys.stderr, flush=True)
             if fault["action"] == "kill":
                 hosts.kill(fault["host"])
             elif fault["action"] == "cut":

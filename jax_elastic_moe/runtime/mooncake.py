@@ -137,11 +137,12 @@ class MooncakeRuntime:
         self.server = ControlServer(endpoint)
         self.endpoint = self.server.endpoint
         # heartbeats arrive on the controller's own address (remote workers cannot reach 127.0.0.1)
-        self.monitor = HeartbeatMonitor(self.endpoint.rsplit(":", 1)[0] + ":0", interval=heartbeat_interval,
+        any_port = self.endpoint.rsplit(":", 1)[0] + ":0"     # the controller's host, a free port
+        self.monitor = HeartbeatMonitor(any_port, interval=heartbeat_interval,
                                         timeout=heartbeat_timeout)
         self.monitor.start()
         self.heartbeat_endpoint = self.monitor.endpoint
-        self.beacon = ControllerBeacon(self.endpoint.rsplit(":", 1)[0] + ":0", interval=heartbeat_interval).start()
+        self.beacon = ControllerBeacon(any_port, interval=heartbeat_interval).start()
         # workers exit when the beacon is silent this long: the heartbeat timeout for workers on other
         # hosts; spawned ones also watch their parent process, so they allow a starved controller more
         self.controller_timeout = max(30.0, 10 * heartbeat_timeout) if spawn else heartbeat_timeout
