@@ -16,3 +16,17 @@ def hf_checkpoints(tmp_path_factory):
     from hf_models import FAMILIES, build
     root = tmp_path_factory.mktemp("hf")
     return {f: build(f, str(root / f)) for f in FAMILIES}
+
+
+@pytest.fixture
+def compilation_cache(tmp_path):
+    """A persistent JAX compilation cache in a fresh folder for one test, switched off after it: the
+    cache is process-wide, and later tests must not read this one's programs."""
+    from jax._src import compilation_cache as cc
+    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+             "jax_persistent_cache_min_entry_size_bytes")
+    before = {n: getattr(jax.config, n) for n in names}
+    yield str(tmp_path / "xla")
+    for n, v in before.items():
+        jax.config.update(n, v)
+    cc.reset_cache()

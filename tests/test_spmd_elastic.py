@@ -1,4 +1,5 @@
 """One-process elastic path on 8 fake CPU devices: fail ranks mid-generation, keep every request."""
+import os
 import time
 
 import jax
@@ -130,6 +131,29 @@ def test_portable_program_matches_one_compiled_for_its_devices():
             assert np.array_equal(np.asarray(g), np.asarray(w))
         with pytest.raises(ValueError, match="compiled for 3 devices"):
             Portable(a.step_fn(shape), a.devices).load(devs)
+
+
+def test_portable_program_runs_when_the_persistent_cache_holds_it(compilation_cache):
+    # XLA:CPU cannot serialize a program it read from the persistent cache again (the copy fails at
+    # its first run): programs for Portable are compiled fresh, whatever the cache holds
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    from jax_elastic_moe.runtime.fallbacks import Portable, fresh_compile
+    from jax_elastic_moe.settings import enable_compilation_cache
+    enable_compilation_cache(compilation_cache)
+    devs, x = jax.devices(), np.arange(32, dtype=np.float32).reshape(4, 8)
+
+    def program(devices):
+        sh = NamedSharding(Mesh(np.array(devices), ("x",)), P("x"))
+        f = jax.jit(lambda a: jax.numpy.pad(a * 2, ((0, 0), (1, 1))).cumsum(axis=1), in_shardings=sh, out_shardings=sh)
+        return f, jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh)
+    f, spec = program(devs[:2])
+    want = np.asarray(f.lower(spec).compile()(jax.device_put(x, spec.sharding)))    # the cache now holds it
+    assert os.listdir(compilation_cache)
+    f, spec = program(devs[:2])
+    with fresh_compile():
+        moved = Portable(f.lower(spec).compile(), devs[:2]).load(devs[2:4])
+    _, onto = program(devs[2:4])
+    assert np.array_equal(np.asarray(moved(jax.device_put(x, onto.sharding))), want)
 
 
 def test_too_few_survivors_stop_the_engine_clearly():

@@ -186,6 +186,10 @@ class _SocketThread(abc.ABC):
         self._thread.start()
         return self
 
+    def request_stop(self):
+        """Ends the loop at its next tick without waiting for it (stop() then joins at once)."""
+        self._stop.set()
+
     def stop(self, timeout: float = 2.0):
         self._stop.set()
         if self._thread is not None:

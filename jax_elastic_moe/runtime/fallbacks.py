@@ -24,6 +24,7 @@ from typing import Callable, Iterator
 import jax
 import numpy as np
 from jax._src import compiler as _compiler
+from jax._src import config as _config
 from jax.experimental import serialize_executable as _serialize
 
 
@@ -46,11 +47,20 @@ class _OntoDevices(_serialize._JaxPjrtUnpickler):
         return super().persistent_load(pid)
 
 
+def fresh_compile():
+    """A context (this thread only) in which programs are compiled, never read from JAX's persistent
+    compilation cache. XLA:CPU cannot serialize again an executable it read from that cache: the
+    copy loads but fails at its first run with "NOT_FOUND: Function ... not found". Programs meant
+    for `Portable` are compiled in it."""
+    return _config.enable_compilation_cache(False)
+
+
 class Portable:
     """A compiled step that loads onto any mesh of as many devices as the one it was compiled for.
 
     The SPMD program names mesh positions, never devices, so one compile per mesh size serves every
-    set of survivors of that size; loading (deserializing) costs a small fraction of compiling."""
+    set of survivors of that size; loading (deserializing) costs a small fraction of compiling.
+    `compiled` must come from a compile in `fresh_compile()`."""
 
     def __init__(self, compiled, devices):
         self.data, self.in_tree, self.out_tree = _serialize.serialize(compiled)

@@ -29,7 +29,7 @@ from ..placement import Placement
 from ..placement.movement import KINDS, plan_move_arrays, plan_moves
 from .base import Applied
 from .controller import RankFailure, compact
-from .fallbacks import FallbackPrograms, Portable
+from .fallbacks import FallbackPrograms, Portable, fresh_compile
 from .step import StepShape, empty_cache, input_rows, make_step, row_abstract
 
 
@@ -376,7 +376,9 @@ class SpmdRuntime:
             alive = np.isin(np.arange(self.num_ranks), keep)
             shadow = SpmdRunner(run.cfg, run.dtype, [self.devices[k] for k in keep], compact(placement, alive),
                                 None, run.backend)
-            return {s: Portable(c, shadow.devices) for s, c in shadow.precompile(shapes).items()}
+            with fresh_compile():
+                compiled = shadow.precompile(shapes)
+            return {s: Portable(c, shadow.devices) for s, c in compiled.items()}
         self.fallbacks.start(list(self.live), shapes, compile_for)
 
     def apply_epoch(self, active: np.ndarray, placement: Placement, dead: list[int], fresh=()) -> Applied:
