@@ -16,3 +16,12 @@ def hf_checkpoints(tmp_path_factory):
     from hf_models import FAMILIES, build
     root = tmp_path_factory.mktemp("hf")
     return {f: build(f, str(root / f)) for f in FAMILIES}
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Keeps each phase's report on the test item (item.rep_setup / rep_call / rep_teardown), so a
+    fixture can tell whether its test failed (tests/test_mooncake.py replaces a failed test's engine)."""
+    outcome = yield
+    report = outcome.get_result()
+    setattr(item, f"rep_{report.when}", report)

@@ -25,7 +25,7 @@ from .base import Applied
 from .controller import EngineDead, RankFailure
 from .control import ControlServer, ControlTimeout, message
 from .detector import HeartbeatMonitor, new_incarnation
-from .loopback import proc_state
+from .processes import proc_state
 from .protocol import register_messages
 
 

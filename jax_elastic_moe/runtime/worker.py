@@ -40,7 +40,7 @@ class Worker:
         from ..config import DTYPES, from_hf_dict
         from ..model.loader import load_checkpoint, random_params
         from .detector import HeartbeatSender
-        from .transport import Transport
+        from .transport import FaultInjectingTransport
         self.np, self.jnp, self.jax = np, jnp, jax
         self.cfg = from_hf_dict(msg["config"])
         self.dtype = DTYPES[msg["dtype"]]
@@ -57,9 +57,10 @@ class Worker:
         self.slot_bytes = h * inter * itemsize
         k = self.cfg.num_experts_per_tok
         weights_bytes = max(1, len(self.moe_layer_ids) * 3 * self.spr * self.slot_bytes)
-        self.transport = Transport(self.rank, self.num_ranks, self.max_rows, h * itemsize,
-                                   self.max_rows * k * 8 + 256, host=self.host, weights_bytes=weights_bytes,
-                                   exchange_timeout=float(msg["exchange_timeout"]))
+        self.transport = FaultInjectingTransport(self.rank, self.num_ranks, self.max_rows, h * itemsize,
+                                                 self.max_rows * k * 8 + 256, host=self.host,
+                                                 weights_bytes=weights_bytes,
+                                                 exchange_timeout=float(msg["exchange_timeout"]))
         self.staging = self.transport.register_array(np.zeros(weights_bytes, np.uint8))
         from .exchange_ffi import open_native_exchange
         self.native = open_native_exchange(self.transport)   # warns and returns None on a mismatch
