@@ -3,7 +3,8 @@
 One feature needs them: moving a compiled SPMD step onto other devices (`Portable`, used by
 runtime/fallbacks.py), which reads the pickle of a serialized executable:
   - `jax.experimental.serialize_executable._JaxPjrtUnpickler` and its persistent ids: ("device", id)
-    for every device, ("exec", bytes) for the executable itself (`PERSISTENT_IDS`);
+    for every device and ("exec", bytes) for the executable itself, which Portable remaps, and
+    ("client",), left to JAX (`PERSISTENT_IDS`);
   - `jax._src.compiler.get_compile_options` to give the executable its new device assignment.
 They were checked on the versions in `CHECKED_JAX`. On another version a warning says so once; if the
 format changed, loading raises and the caller compiles instead (slower, still correct).
@@ -19,7 +20,8 @@ import jax
 import numpy as np
 
 CHECKED_JAX = ("0.10.2",)
-PERSISTENT_IDS = ("device", "exec")
+PERSISTENT_IDS = ("client", "device", "exec")      # kinds of persistent id in the pickle
+REMAPPED_IDS = ("device", "exec")                   # those Portable rewrites to name the new devices
 
 try:
     from jax._src import compiler as _compiler
@@ -69,8 +71,7 @@ class _OntoDevices(_Unpickler):
                 num_replicas=1, num_partitions=len(self._devices),
                 device_assignment=np.array(self._devices)[None, :])
             return self.backend.deserialize_executable(pid[1], self.execution_devices, options)
-        raise CompatError(f"jax {jax.__version__} serialized an executable with a persistent id of kind "
-                          f"{pid[0]!r}; jax_compat knows {PERSISTENT_IDS}")
+        return super().persistent_load(pid)     # ("client",): JAX's own handling
 
 
 class Portable:
