@@ -204,8 +204,8 @@ def exchange_check(results, ranks=2, tokens=64, row_bytes=4096, steps=200):
         report(results, "exchange (CUDA): skipped", True, f"{type(e).__name__}: {e}")
         print(f"    exchange (CUDA) skipped: {e}", flush=True)
         return None
-    from jax_elastic_moe.runtime.loopback import LoopbackCluster
-    check = "jax_elastic_moe.runtime.exchange_check:"
+    from jax_elastic_moe.testing.loopback import LoopbackCluster
+    check = "jax_elastic_moe.testing.exchange_check:"
     out = {}
     for platform in ("cuda", "cpu"):
         env = {"JAX_PLATFORMS": platform, "XLA_PYTHON_CLIENT_MEM_FRACTION": "0.05", "MC_LOG_LEVEL": "ERROR"}

@@ -35,7 +35,7 @@ def main():
             tokens += sum(len(o.token_ids) for o in outs)
         wall = time.perf_counter() - t0
         st = eng.stats()
-        hb = max(eng._runtime.monitor.health(r).max_gap for r in st["alive_ranks"])
+        hb = max(eng._runtime.fleet.monitor.health(r).max_gap for r in st["alive_ranks"])
     row = {"seconds": wall, "batches": batches, "tokens": tokens, "tokens_per_s": tokens / wall,
            "recoveries": len(st["recoveries"]), "transient_retries": st["transient_retries"],
            "alive_ranks": st["alive_ranks"], "max_heartbeat_gap_s": hb, "load_avg": os.getloadavg(),

@@ -7,7 +7,7 @@ exchange side by side, and time to detect a killed / hung peer with each.
 
 Every rank is a child process owning a Transport on 127.0.0.1 (TCP). Latency is the wall time of one
 all-to-all (send to every rank incl. itself, wait for every rank's data + signal), measured inside
-each rank over back-to-back steps, for each exchange (runtime/exchange_check.py):
+each rank over back-to-back steps, for each exchange (testing/exchange_check.py):
   python    `Transport.exchange` called from Python (the old exchange, without the jit around it)
   callback  the same inside a jitted function through io_callback: the old per-layer path
   native    the jem_exchange FFI op inside a jitted function: the new per-layer path
@@ -31,10 +31,10 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from jax_elastic_moe.bench.common import cpu_model  # noqa: E402
-from jax_elastic_moe.runtime.loopback import LoopbackCluster  # noqa: E402
+from jax_elastic_moe.testing.loopback import LoopbackCluster  # noqa: E402
 from jax_elastic_moe.runtime.transport import DEFAULT_EXCHANGE_TIMEOUT  # noqa: E402
 
-CHECK = "jax_elastic_moe.runtime.exchange_check:"
+CHECK = "jax_elastic_moe.testing.exchange_check:"
 MODES = ("python", "callback", "native")
 
 

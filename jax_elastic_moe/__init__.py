@@ -2,8 +2,9 @@
 from . import placement
 from .config import ConfigError, ModelConfig
 from .engine import Engine, GenerationResult
+from .kinds import Backend, FailureKind, Mode
 from .model.loader import CheckpointError
 from .placement import Placement, PlacementError
 
 __all__ = ["Engine", "GenerationResult", "ModelConfig", "ConfigError", "CheckpointError", "Placement",
-           "PlacementError", "placement"]
+           "PlacementError", "placement", "Mode", "Backend", "FailureKind"]

@@ -9,6 +9,7 @@ import sys
 import time
 
 from .bench.common import finite_float, nonnegative_int, positive_int
+from .kinds import FailureKind, Mode
 
 
 def cmd_generate(args) -> int:
@@ -85,7 +86,7 @@ def cmd_demo(args) -> int:
 
 
 def cmd_plan(args_list) -> int:
-    from .placement.planner import main as plan_main
+    from .bench.plan import main as plan_main
     return plan_main(args_list)
 
 
@@ -120,11 +121,11 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--quiet", action="store_true")
     d = sub.add_parser("demo", help="the elastic demo: generation on N ranks with one killed mid-run")
     d.add_argument("--config", default="small")
-    d.add_argument("--mode", default="mooncake", choices=["mooncake", "spmd"])
+    d.add_argument("--mode", default="mooncake", choices=[m.value for m in Mode])
     d.add_argument("--ranks", type=positive_int, default=4)
     d.add_argument("--redundant", type=nonnegative_int, default=8)
     d.add_argument("--kill", type=nonnegative_int, default=1, help="the rank to fail")
-    d.add_argument("--how", default="kill", choices=["kill", "hang", "slow", "drop"])
+    d.add_argument("--how", default="kill", choices=[f.value for f in FailureKind])
     d.add_argument("--at-step", type=nonnegative_int, default=8)
     d.add_argument("--num-prompts", type=positive_int, default=8)
     d.add_argument("--prompt-len", type=positive_int, default=24)

@@ -10,13 +10,15 @@ import numpy as np
 
 from .config import DTYPES, ConfigError, ModelConfig, from_hf_dict, read_config_dict, resolve_preset
 from .inputs import make_requests
+from .jax_compat import enable_compilation_cache
+from .kinds import EP_BACKENDS, SPMD_FAILURES, Backend, FailureKind, Mode
 from .metrics import EngineMetrics
 from .model.loader import is_expert_path, load_checkpoint, random_params
 from .placement import Placement, rebalance, validate
 from .runtime.controller import Controller, EngineDead
 from .scheduler import Scheduler
 from .serving import ServingLoop
-from .settings import (ADMISSION, GenerationResult, check_engine, check_token_array, enable_compilation_cache,
+from .settings import (ADMISSION, GenerationResult, check_engine, check_token_array,
                        positive, serving_sizes)
 
 __all__ = ["Engine", "GenerationResult"]
@@ -41,6 +43,7 @@ class Engine:
                  spawn_workers: bool = True, controller_endpoint: str = "tcp://127.0.0.1:0",
                  ep_backend: str = "auto", metrics_port: int | None = None, fallback_depth: int = 2):
         check_engine(cfg, num_ranks, redundant_experts, dtype, mode, source, backup, admission)
+        mode, ep_backend = Mode.parse(mode, "mode"), Backend.parse(ep_backend, "ep_backend", EP_BACKENDS)
         self.seqs_per_rank, self.max_model_len, prefill_chunk, prefill_rows = serving_sizes(
             cfg, seqs_per_rank, max_model_len, prefill_chunk, prefill_rows)
         if compilation_cache_dir:
@@ -54,7 +57,7 @@ class Engine:
         ctl.placement = self._fit(rebalance(np.ones((cfg.num_moe_layers, cfg.num_experts)), num_ranks,
                                             self.slots_per_rank, policy=placement_policy))
         self._backup = {p: a for p, a in params.items() if is_expert_path(p)} if backup == "host" else None
-        if mode == "spmd":
+        if mode == Mode.SPMD:
             from .runtime.spmd import SpmdRuntime
             self._runtime = SpmdRuntime(cfg, DTYPES[dtype], num_ranks, ctl.placement, params, self._backup,
                                         ep_backend, precompile_fallbacks, fallback_depth)
@@ -204,16 +207,17 @@ class Engine:
         step: one decode and/or one prefill chunk). how: "kill", "hang", "slow", "drop" (the last three
         mooncake only). Safe from any thread while generate runs."""
         self._check_open()
-        hows = ("kill",) if self.mode == "spmd" else ("kill", "hang", "slow", "drop")
-        if how not in hows:
-            raise ValueError(f"mode={self.mode!r} injects how in {hows} (got {how!r}); "
-                             f"hang, slow and drop need mode='mooncake'")
+        hows = SPMD_FAILURES if self.mode == Mode.SPMD else tuple(FailureKind)
+        try:
+            how = FailureKind.parse(how, "how", hows)
+        except ValueError as e:
+            raise ValueError(f"mode={self.mode.value!r}: {e}; hang, slow and drop need mode='mooncake'") from None
         if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or not 0 <= rank < self.num_ranks \
                 or not self.alive[rank]:
             raise ValueError(f"rank {rank!r} is not a live rank (alive: {np.nonzero(self.alive)[0].tolist()})")
         if at_step is not None:
             positive("at_step", at_step, 0)
-        if self.mode == "mooncake" and at_step is None and how in ("kill", "hang"):
+        if self.mode == Mode.MOONCAKE and at_step is None and how in (FailureKind.KILL, FailureKind.HANG):
             self._runtime.inject(rank, how)          # a signal: safe from any thread, fires now
             return
         self._loop.inject_at(rank, how, at_step, delay_s)
@@ -222,18 +226,18 @@ class Engine:
         """Brings a failed rank back (mooncake mode): a fresh worker joins at a step boundary, gets
         slots by a rebalance close to the current placement, and takes load from the next step on."""
         self._check_open()
-        if self.mode != "mooncake":
+        if self.mode != Mode.MOONCAKE:
             raise ValueError("restart_rank needs mode='mooncake' (a lost device does not come back)")
         self._controller.rejoin(rank, self._runtime, self.expert_loads())
         self._scheduler.set_live(self._runtime.live)
 
     def wait_fallbacks(self) -> int:
         """spmd: waits for the background precompilation; how many survivor sets are ready."""
-        return self._runtime.wait_fallbacks() if self.mode == "spmd" else 0
+        return self._runtime.wait_fallbacks() if self.mode == Mode.SPMD else 0
 
     def stats(self) -> dict:
         """The epoch, active ranks, and one record per recovery."""
-        return {"mode": self.mode, "epoch": self._controller.epoch.number,
+        return {"mode": self.mode.value, "epoch": self._controller.epoch.number,
                 "active_ranks": np.nonzero(self.active)[0].tolist(),
                 "alive_ranks": np.nonzero(self.alive)[0].tolist(), "transient_retries": self.transient_retries,
                 "recoveries": [r.as_dict() for r in self._controller.records]}
@@ -242,7 +246,7 @@ class Engine:
     def score(self, token_ids) -> np.ndarray:
         """Full-sequence forward. token_ids [B, S] ints -> float32 logits [B, S, V] (mode spmd)."""
         self._check_open()
-        if self.mode != "spmd":
+        if self.mode != Mode.SPMD:
             raise ValueError("score() runs in mode='spmd'; mode='mooncake' serves generate()")
         ids = check_token_array(token_ids, self.cfg.vocab_size)
         n = len(self._runtime.live)

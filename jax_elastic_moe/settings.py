@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import numpy as np
 
 from .config import DTYPES, check_mooncake_support
+from .kinds import Mode
 
-MODES = ("spmd", "mooncake")
+MODES = tuple(Mode)
 ADMISSION = ("continuous", "static")
 
 
@@ -33,11 +33,10 @@ def check_engine(cfg, num_ranks, redundant_experts, dtype, mode, source, backup,
     positive("redundant_experts", redundant_experts, 0)
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    if mode == "mooncake" and source is None:
+    mode = Mode.parse(mode, "mode")
+    if mode == Mode.MOONCAKE and source is None:
         raise ValueError("mode='mooncake' needs the model's source: use Engine.from_config / from_pretrained")
-    if mode == "mooncake":
+    if mode == Mode.MOONCAKE:
         check_mooncake_support(cfg)
     if backup not in ("host", None):
         raise ValueError(f"backup must be 'host' or None, got {backup!r}")
@@ -76,10 +75,3 @@ def check_token_array(token_ids, vocab_size: int) -> np.ndarray:
     return ids
 
 
-def enable_compilation_cache(path: str):
-    """JAX's persistent compilation cache in `path`, for every program however fast it compiled."""
-    import jax
-    os.makedirs(path, exist_ok=True)
-    jax.config.update("jax_compilation_cache_dir", path)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)

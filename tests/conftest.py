@@ -30,3 +30,11 @@ def compilation_cache(tmp_path):
     for n, v in before.items():
         jax.config.update(n, v)
     cc.reset_cache()
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Keeps each phase's report on the test item (item.rep_setup / rep_call / rep_teardown), so a
+    fixture can tell whether its test failed (tests/test_mooncake.py replaces a failed test's engine)."""
+    outcome = yield
+    report = outcome.get_result()
+    setattr(item, f"rep_{report.when}", report)

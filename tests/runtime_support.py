@@ -1,5 +1,5 @@
-"""Shared helpers of the runtime tests: a per-test time limit, bounded child processes, and a counter
-of XLA compilations.
+"""Shared helpers of the runtime tests: a per-test time limit, bounded child processes, and the
+session's counter of XLA compilations (jax_elastic_moe.testing.compile_counter).
 
 Every child started here is bounded in time by itself (its own deadline) and is killed by pid when
 the test ends (`ChildProcesses.close`), stopped or not.
@@ -13,6 +13,8 @@ import signal
 import time
 
 import pytest
+
+from jax_elastic_moe.testing.compile_counter import CompileCounter
 
 DEFAULT_TEST_SECONDS = 60
 
@@ -113,17 +115,12 @@ def control_worker(endpoint: str, rank: int, lifetime: float):
                 client.notify(message("ack", rank=rank, epoch=msg["epoch"]))
 
 
-class CompileCounter:
-    """Counts XLA backend compilations while active."""
-
-    def __init__(self):
-        self.count = 0
-        import jax
-        jax.monitoring.register_event_duration_secs_listener(self._on_event)
-
-    def _on_event(self, event, duration, **kw):
-        if event == "/jax/core/compile/backend_compile_duration":
-            self.count += 1
-
-
 COUNTER = CompileCounter()
+
+
+def ffi_required(platform: str = "cpu") -> bool:
+    """Whether JEM_REQUIRE_FFI names `platform` ("1" means cpu): then missing native kernels fail the
+    tests that need them instead of skipping them (CI sets it: a broken kernel build is not green)."""
+    value = os.environ.get("JEM_REQUIRE_FFI", "")
+    wanted = {"cpu"} if value.strip() == "1" else {p.strip().lower() for p in value.split(",") if p.strip()}
+    return platform.lower() in wanted

@@ -13,17 +13,19 @@ import pytest
 pytest.importorskip("mooncake.engine", reason="needs the elastic extras: pip install 'jax-elastic-moe[elastic]'")
 
 from jax_elastic_moe.runtime import exchange_ffi  # noqa: E402
-from jax_elastic_moe.runtime.loopback import LoopbackCluster  # noqa: E402
+from jax_elastic_moe.testing.loopback import LoopbackCluster  # noqa: E402
 from jax_elastic_moe.runtime.transport import Transport  # noqa: E402
-from runtime_support import bounded_test  # noqa: E402,F401 (autouse fixture)
+from runtime_support import bounded_test, ffi_required  # noqa: E402,F401 (autouse fixture)
 
 os.environ.setdefault("MC_LOG_LEVEL", "ERROR")
 try:
     exchange_ffi.load()
 except exchange_ffi.ExchangeUnavailable as e:  # pragma: no cover - depends on the build
+    if ffi_required("cpu"):
+        raise
     pytest.skip(f"native exchange unavailable: {e}", allow_module_level=True)
 
-CHECK = "jax_elastic_moe.runtime.exchange_check:"
+CHECK = "jax_elastic_moe.testing.exchange_check:"
 TIMEOUT = 0.5
 MARGIN = 0.4  # scheduling slack on 2 busy cores
 SPEC = [((8,), "float32"), ((2,), "int32"), ((2,), "float16")]  # rows, slots, weights of a small MoE

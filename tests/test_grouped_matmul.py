@@ -8,6 +8,7 @@ import pytest
 from jax_elastic_moe.ep import ffi
 from jax_elastic_moe.ep import grouped_matmul as gm
 from jax_elastic_moe.ep import reference
+from runtime_support import ffi_required
 
 
 def make_experts(seed, m, h, i, groups, dtype=jnp.float32):
@@ -21,14 +22,14 @@ def make_experts(seed, m, h, i, groups, dtype=jnp.float32):
 
 def test_ragged_dot_path_equals_reference():
     x, sizes, w_gate, w_up, w_down = make_experts(0, 24, 16, 8, 3)
-    np.testing.assert_array_equal(np.asarray(gm.grouped_matmul(x, w_gate, sizes, impl="ragged_dot")),
+    np.testing.assert_array_equal(np.asarray(gm.grouped_matmul(x, w_gate, sizes, impl="jax")),
                                   np.asarray(jax.lax.ragged_dot(x, w_gate, sizes)))
-    got = gm.expert_mlp(x, sizes, w_gate, w_up, w_down, impl="ragged_dot")
+    got = gm.expert_mlp(x, sizes, w_gate, w_up, w_down, impl="jax")
     np.testing.assert_array_equal(np.asarray(got), np.asarray(reference.expert_mlp(x, sizes, w_gate, w_up, w_down)))
     assert not np.asarray(got[-2:]).any()  # rows past sum(group_sizes) are zero
 
 
-needs_cpu_kernel = pytest.mark.skipif(not ffi.has_target("jem_grouped_matmul", "cpu"),
+needs_cpu_kernel = pytest.mark.skipif(not ffi.has_target("jem_grouped_matmul", "cpu") and not ffi_required("cpu"),
                                       reason=ffi.missing_reason("cpu") or "jem_grouped_matmul not built")
 
 
@@ -95,10 +96,10 @@ def fp8_weights(rng, groups, k, n, block):
     return w, scale, w.astype(np.float64) * full
 
 
-@pytest.mark.parametrize("impl", ["ffi", "ragged_dot"])
+@pytest.mark.parametrize("impl", ["ffi", "jax"])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_fp8_grouped_matmul_matches_a_float64_reference(impl, dtype):
-    if impl == "ffi" and not ffi.has_target("jem_grouped_matmul_fp8", "cpu"):
+    if impl == "ffi" and not ffi.has_target("jem_grouped_matmul_fp8", "cpu") and not ffi_required("cpu"):
         pytest.skip(ffi.missing_reason("cpu") or "jem_grouped_matmul_fp8 not built")
     rng = np.random.default_rng(7)
     block = (16, 8)                                    # K = 40 and N = 21: partial blocks and panels
@@ -119,7 +120,7 @@ def test_fp8_grouped_matmul_matches_a_float64_reference(impl, dtype):
 def test_fp8_e4m3_decoding_covers_every_byte():
     """The kernel's FP8 table against ml_dtypes on all 256 codes (as one-element weights, scale 1)."""
     import ml_dtypes
-    if not ffi.has_target("jem_grouped_matmul_fp8", "cpu"):
+    if not ffi.has_target("jem_grouped_matmul_fp8", "cpu") and not ffi_required("cpu"):
         pytest.skip("jem_grouped_matmul_fp8 not built")
     codes = np.arange(256, dtype=np.uint8).view(ml_dtypes.float8_e4m3fn).reshape(256, 1, 1)
     x = jnp.ones((256, 1), jnp.float32)

@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from jax_elastic_moe.placement import Placement, PlacementError, rebalance
+from jax_elastic_moe.bench import plan as plan_cli
 from jax_elastic_moe.placement import planner
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
@@ -110,7 +111,7 @@ def write_config(path: Path, **keys) -> str:
 
 def test_jem_plan_prints_the_table_and_writes_json_and_png(tmp_path, capsys):
     config = write_config(tmp_path / "tiny.yaml")
-    code = planner.main(["--config", config, "--ranks", "6", "--redundant", "12", "--json",
+    code = plan_cli.main(["--config", config, "--ranks", "6", "--redundant", "12", "--json",
                          str(tmp_path / "plan.json"), "--plot", str(tmp_path / "plan.png")])
     assert code == 0
     printed = capsys.readouterr().out
@@ -130,7 +131,7 @@ def test_jem_plan_prints_the_table_and_writes_json_and_png(tmp_path, capsys):
 
 
 def test_jem_plan_for_deepseek_v3_serves_sixteen_sequential_failures(tmp_path):
-    code = planner.main(["--config", str(CONFIGS / "deepseek_v3.yaml"), "--ranks", "32", "--redundant", "256",
+    code = plan_cli.main(["--config", str(CONFIGS / "deepseek_v3.yaml"), "--ranks", "32", "--redundant", "256",
                          "--layers", "2", "--samples", "2000", "--json", str(tmp_path / "v3.json")])
     assert code == 0
     report = json.loads((tmp_path / "v3.json").read_text())
@@ -149,10 +150,10 @@ def test_jem_plan_for_deepseek_v3_serves_sixteen_sequential_failures(tmp_path):
 ])
 def test_jem_plan_reports_bad_input(tmp_path, capsys, args, message):
     config = write_config(tmp_path / "tiny.yaml")
-    assert planner.main(["--config", config, *args]) == 2
+    assert plan_cli.main(["--config", config, *args]) == 2
     assert message in capsys.readouterr().err
 
 
 def test_jem_plan_reports_a_missing_config(capsys):
-    assert planner.main(["--config", "no/such.yaml", "--ranks", "2"]) == 2
+    assert plan_cli.main(["--config", "no/such.yaml", "--ranks", "2"]) == 2
     assert "no/such.yaml" in capsys.readouterr().err

@@ -13,7 +13,7 @@ import pytest
 
 import jax_elastic_moe as jem
 from jax_elastic_moe.runtime.fallbacks import likely_failures
-from jax_elastic_moe.runtime.mooncake import MooncakeRuntime, WorkerProcess, load_weights, save_weights
+from jax_elastic_moe.runtime.workers import Liveness, WorkerProcess, load_weights, save_weights
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -76,25 +76,31 @@ class _Monitor:
         return _Health(self.silent[rank])
 
 
+class Judged:
+    """Liveness.confirm with the step started at `step_started`."""
+    def __init__(self, liveness):
+        self.liveness, self.step_started = liveness, time.monotonic()
+
+    def confirm(self, rank, named_by, unanswered):
+        return self.liveness.confirm(rank, named_by, unanswered, self.step_started)
+
+
 @pytest.fixture
 def judged():
-    """A MooncakeRuntime's judgement alone (no workers started): rank 0 a running local process that
+    """The controller's judgement alone (no workers started): rank 0 a running local process that
     heartbeats, 1 one that exited, 2 one that is stopped, 3 and 4 remote (no process here), 3
     heartbeating and 4 silent for 2 s."""
     procs = [subprocess.Popen(["sleep", "30"]) for _ in range(3)]
     procs[1].kill()
     procs[1].wait()
     os.kill(procs[2].pid, 19)                                     # SIGSTOP
-    rt = object.__new__(MooncakeRuntime)
-    rt.workers = {i: WorkerProcess(i, p) for i, p in enumerate(procs)}
-    rt.workers.update({3: WorkerProcess(3, None), 4: WorkerProcess(4, None)})
-    rt.monitor = _Monitor({0: 0.1, 1: 0.1, 2: 0.1, 3: 0.1, 4: 2.0})
-    rt.heartbeat_interval, rt.hb_dead_after = 0.2, 3.0
-    rt._step_started = time.monotonic()
+    workers = {i: WorkerProcess(i, p) for i, p in enumerate(procs)}
+    workers.update({3: WorkerProcess(3, None), 4: WorkerProcess(4, None)})
+    judge = Judged(Liveness(workers, _Monitor({0: 0.1, 1: 0.1, 2: 0.1, 3: 0.1, 4: 2.0}), 0.2, 3.0))
     deadline = time.monotonic() + 5
-    while not rt.workers[2].stopped() and time.monotonic() < deadline:
+    while not workers[2].stopped() and time.monotonic() < deadline:
         time.sleep(0.01)
-    yield rt
+    yield judge
     for p in procs:
         if p.poll() is None:
             p.kill()
@@ -102,28 +108,28 @@ def judged():
 
 
 def test_slow_rank_named_by_peers_is_not_confirmed_dead(judged):
-    ok, why = judged._confirm(0, {5, 6, 7}, unanswered=False)     # a cascade: three peers name it
+    ok, why = judged.confirm(0, {5, 6, 7}, unanswered=False)     # a cascade: three peers name it
     assert not ok and "slow, not dead" in why and "[5, 6, 7]" in why
-    ok, why = judged._confirm(0, set(), unanswered=True)          # late, within the hard limit
+    ok, why = judged.confirm(0, set(), unanswered=True)          # late, within the hard limit
     assert not ok
-    ok, why = judged._confirm(3, {5}, unanswered=False)           # remote, heartbeats arriving
+    ok, why = judged.confirm(3, {5}, unanswered=False)           # remote, heartbeats arriving
     assert not ok
 
 
 def test_dead_ranks_are_confirmed_each_on_its_own_evidence(judged):
-    assert judged._confirm(1, set(), unanswered=True) == (True, judged._confirm(1, set(), True)[1])
-    assert "process exited" in judged._confirm(1, set(), True)[1]
-    ok, why = judged._confirm(2, set(), unanswered=True)
+    ok, why = judged.confirm(1, set(), True)
+    assert ok and "process exited" in why
+    ok, why = judged.confirm(2, set(), unanswered=True)
     assert ok and "process stopped" in why
-    ok, why = judged._confirm(0, {0}, unanswered=False)          # its own transfers fail (drop)
+    ok, why = judged.confirm(0, {0}, unanswered=False)          # its own transfers fail (drop)
     assert ok and "its own transfers fail" in why
-    ok, why = judged._confirm(4, {5}, unanswered=False)          # remote, transfer failed, heartbeats late
+    ok, why = judged.confirm(4, {5}, unanswered=False)          # remote, transfer failed, heartbeats late
     assert ok and "no heartbeat for 2.0 s" in why
 
 
 def test_wedged_rank_is_confirmed_at_the_hard_limit(judged):
-    judged._step_started = time.monotonic() - MooncakeRuntime.STEP_HARD_LIMIT_S - 1
-    ok, why = judged._confirm(0, set(), unanswered=True)
+    judged.step_started = time.monotonic() - Liveness.HARD_LIMIT_S - 1
+    ok, why = judged.confirm(0, set(), unanswered=True)
     assert ok and "wedged" in why
 
 

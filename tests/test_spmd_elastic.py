@@ -137,8 +137,8 @@ def test_portable_program_runs_when_the_persistent_cache_holds_it(compilation_ca
     # XLA:CPU cannot serialize a program it read from the persistent cache again (the copy fails at
     # its first run): programs for Portable are compiled fresh, whatever the cache holds
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-    from jax_elastic_moe.runtime.fallbacks import Portable, fresh_compile
-    from jax_elastic_moe.settings import enable_compilation_cache
+    from jax_elastic_moe.jax_compat import Portable, fresh_compile
+    from jax_elastic_moe.jax_compat import enable_compilation_cache
     enable_compilation_cache(compilation_cache)
     devs, x = jax.devices(), np.arange(32, dtype=np.float32).reshape(4, 8)
 

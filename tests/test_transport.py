@@ -15,8 +15,8 @@ pytest.importorskip("mooncake.engine", reason="needs the elastic extras: pip ins
 
 from jax_elastic_moe.runtime.layout import (HEADER_BYTES, MAX_ARRAYS, PayloadError, RegionLayout,  # noqa: E402
                                             aligned_buffer, pack_payload, unpack_payload)
-from jax_elastic_moe.runtime.loopback import LoopbackCluster, make_payload, payload_digest  # noqa: E402
-from jax_elastic_moe.runtime.transport import PeerAddress, PeerFailure, Transport  # noqa: E402
+from jax_elastic_moe.testing.loopback import LoopbackCluster, make_payload, payload_digest  # noqa: E402
+from jax_elastic_moe.runtime.transport import FaultInjectingTransport, PeerAddress, PeerFailure, Transport  # noqa: E402
 from runtime_support import bounded_test  # noqa: E402,F401 (autouse fixture)
 
 os.environ.setdefault("MC_LOG_LEVEL", "ERROR")
@@ -92,8 +92,8 @@ def test_payload_errors_name_the_problem():
 
 @pytest.fixture
 def pair():
-    """Two Transports in this process (ranks 0 and 1 of 2), connected."""
-    a = Transport(0, 2, max_rows=8, row_bytes=64, meta_bytes=64, weights_bytes=1 << 16)
+    """Two Transports in this process (ranks 0 and 1 of 2), connected; rank 0 can inject faults."""
+    a = FaultInjectingTransport(0, 2, max_rows=8, row_bytes=64, meta_bytes=64, weights_bytes=1 << 16)
     b = Transport(1, 2, max_rows=8, row_bytes=64, meta_bytes=64, weights_bytes=1 << 16)
     try:
         table = {0: a.address, 1: b.address.to_dict()}
@@ -116,6 +116,9 @@ def test_bad_arguments_give_clear_errors(pair):
         Transport(0, 2, max_rows=8, row_bytes=64, meta_bytes=64, protocol="udp")
     with pytest.raises(ValueError, match="delay_s"):
         a.set_fault(delay_s=-1)
+    with pytest.raises(TypeError, match="drop must be a bool"):
+        a.set_fault(drop=1)
+    assert not hasattr(b, "set_fault"), "a plain Transport has no fault injection in its data path"
     with pytest.raises(ValueError, match="dest must be a rank"):
         a.send(5, [], seq=1)
     with pytest.raises(ValueError, match="seq must be in"):

@@ -21,7 +21,7 @@ namespace exchange {
 namespace {
 
 constexpr int64_t kProbeAfterNs = 20'000'000;  // a source silent this long gets a liveness probe ...
-constexpr int64_t kProbeEveryNs = 50'000'000;  // ... at most this often (as runtime/transport.py)
+constexpr int64_t kProbeEveryNs = 50'000'000;  // ... at most this often (as runtime/transport/common.py)
 // Waiting: spin, then yield, then sleeps doubling from 50 us to 500 us (a loaded host needs its cores
 // for the ranks still working and for Mooncake's threads more than for the ranks already waiting).
 constexpr int64_t kSpinNs = 30'000, kYieldNs = 300'000, kSleepNs = 50'000, kMaxSleepNs = 500'000;

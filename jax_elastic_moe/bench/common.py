@@ -14,9 +14,11 @@ import sys
 
 import numpy as np
 
+from ..kinds import Mode
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the checkout
 
-MODES = ("spmd", "mooncake")
+MODES = [m.value for m in Mode]
 
 
 class SettingsError(ValueError):

@@ -79,7 +79,7 @@ def kernels_main(argv=None, script: str = KERNELS_SCRIPT) -> int:
 def placement_main(argv=None) -> int:
     """`jem plan` (the placement availability planner), with a preset name allowed for --config and
     the machine added to its JSON report."""
-    from ..placement.planner import main as plan_main
+    from .plan import main as plan_main
     ours, rest = _split_output_args("jem bench placement", argv)
     rest = list(rest)
     if "--config" in rest[:-1]:

@@ -29,11 +29,13 @@ import logging
 import jax
 import jax.numpy as jnp
 
+from ..kinds import Backend
 from . import ffi
+from .quant import dequantize_experts
 
 log = logging.getLogger(__name__)
 
-IMPLS = ("auto", "ragged_dot", "mgpu", "ffi")
+IMPLS = tuple(Backend)      # the one backend vocabulary (kinds.py); "jax" is jax.lax.ragged_dot
 
 # Fastest first. The first is the winner of a sweep on an H200 at DeepSeek-V3 shapes.
 MGPU_CONFIGS = (
@@ -101,7 +103,7 @@ def choose_config(m: int, k: int, n: int, groups: int, dtype_name: str):
 
 
 def _use_mgpu(impl, x, w):
-    if impl == "ragged_dot":
+    if impl == Backend.JAX:
         return False
     ok = x.dtype == w.dtype and jnp.dtype(x.dtype) in MGPU_DTYPES and x.shape[0] > 0
     if impl == "mgpu":
@@ -112,10 +114,10 @@ def _use_mgpu(impl, x, w):
     return ok and is_hopper()
 
 
-def impl_for_backend(backend: str) -> str:
-    """The grouped-matmul impl of an EP ops backend (ops.BACKENDS): "jax" keeps the experts' matmul
-    pure JAX on the CPU too (ragged_dot); otherwise "auto"."""
-    return "ragged_dot" if backend == "jax" and jax.default_backend() == "cpu" else "auto"
+def impl_for_backend(backend: str) -> Backend:
+    """The grouped-matmul impl of the EP ops' backend (kinds.EP_BACKENDS): "jax" keeps the experts'
+    matmul pure JAX on the CPU too (ragged_dot); otherwise "auto" (the Mosaic kernel on Hopper)."""
+    return Backend.JAX if backend == Backend.JAX and jax.default_backend() == "cpu" else Backend.AUTO
 
 
 def _use_cpu_kernel(impl, x, w):
@@ -130,11 +132,11 @@ def _use_cpu_kernel(impl, x, w):
 
 def grouped_matmul(x, w, group_sizes, *, zero_tail=True, impl="auto"):
     """x [M, K], w [G, K, N], group_sizes [G] int -> [M, N] in x's dtype: rows of group g (consecutive,
-    groups in order) times w[g]. impl: "auto" (the native CPU kernel on the CPU where built, the Mosaic
-    GPU kernel on Hopper, else jax.lax.ragged_dot), "ragged_dot", "mgpu" (the Mosaic kernel, falling
-    back to ragged_dot when no tile config works), or "ffi" (the CPU kernel, an error without it)."""
-    if impl not in IMPLS:
-        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    groups in order) times w[g]. impl (a kinds.Backend): "auto" (the native CPU kernel on the CPU where
+    built, the Mosaic GPU kernel on Hopper, else jax.lax.ragged_dot), "jax" (jax.lax.ragged_dot), "mgpu"
+    (the Mosaic kernel, falling back to ragged_dot when no tile config works), or "ffi" (the CPU kernel,
+    an error without it)."""
+    impl = Backend.parse(impl, "impl")
     if jnp.ndim(x) != 2 or jnp.ndim(w) != 3 or jnp.ndim(group_sizes) != 1:
         raise ValueError(f"grouped_matmul: need x [M, K], w [G, K, N], group_sizes [G]; got shapes "
                          f"{jnp.shape(x)}, {jnp.shape(w)}, {jnp.shape(group_sizes)}")
@@ -177,8 +179,7 @@ def grouped_matmul_fp8(x, w, scale, group_sizes, block: tuple[int, int], *, zero
     ceil(N/bn)] float32, block (bk, bn). On the CPU where built (impl "auto" or "ffi"), the native
     kernel dequantizes each weight tile as it packs it (jem_grouped_matmul_fp8); elsewhere the
     weights are dequantized to x's dtype in the step, then multiplied as grouped_matmul does."""
-    if impl not in IMPLS:
-        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    impl = Backend.parse(impl, "impl")
     native = (jax.default_backend() == "cpu" and ffi.has_target("jem_grouped_matmul_fp8", "cpu")
               and jnp.dtype(x.dtype) in ffi.FLOAT_DTYPES)
     if impl == "ffi" and not native:
@@ -186,6 +187,5 @@ def grouped_matmul_fp8(x, w, scale, group_sizes, block: tuple[int, int], *, zero
                            + (ffi.missing_reason("cpu") or "this build lacks it"))
     if native and impl in ("auto", "ffi"):
         return ffi.grouped_matmul_fp8(x, w, scale, group_sizes, block)
-    from ..model.quant import dequantize_experts
     return grouped_matmul(x, dequantize_experts(w, scale, block, x.dtype), group_sizes, zero_tail=zero_tail,
                           impl=impl)

@@ -30,37 +30,37 @@ import warnings
 import jax
 import jax.numpy as jnp
 
+from ..kinds import EP_BACKENDS, Backend
 from . import ffi, reference
 
-BACKENDS = ("auto", "jax", "ffi")
+BACKENDS = EP_BACKENDS          # kinds.Backend members the EP ops take
 _warned: set[str] = set()
 
 
-def resolve_backend(backend: str = "auto", *, dtypes=(), platform: str | None = None) -> str:
-    """'jax' or 'ffi': what `backend` means on `platform` (default: jax's default backend) for
-    float operands of `dtypes`."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "jax":
-        return "jax"
+def resolve_backend(backend: str = "auto", *, dtypes=(), platform: str | None = None) -> Backend:
+    """Backend.JAX or Backend.FFI: what `backend` (a member of BACKENDS or its string) means on
+    `platform` (default: jax's default backend) for float operands of `dtypes`."""
+    backend = Backend.parse(backend, "backend", BACKENDS)
+    if backend == Backend.JAX:
+        return Backend.JAX
     platform = platform or jax.default_backend()
-    if backend == "ffi":
+    if backend == Backend.FFI:
         if not ffi.available(platform):
             raise RuntimeError(ffi.missing_reason(platform))
-        return "ffi"
+        return Backend.FFI
     if not ffi.available(platform):
         if platform not in _warned:
             _warned.add(platform)
             warnings.warn(ffi.missing_reason(platform) + "; using the pure-JAX reference", RuntimeWarning,
                           stacklevel=4)  # the caller of ops.<op>
-        return "jax"
+        return Backend.JAX
     if any(jnp.dtype(d) not in ffi.FLOAT_DTYPES for d in dtypes):
-        return "jax"
-    return "ffi"
+        return Backend.JAX
+    return Backend.FFI
 
 
 def _impl(backend, dtypes=()):
-    return ffi if resolve_backend(backend, dtypes=dtypes) == "ffi" else reference
+    return ffi if resolve_backend(backend, dtypes=dtypes) == Backend.FFI else reference
 
 
 def _fail(op: str, msg: str):

@@ -7,37 +7,14 @@ Here experts keep that FP8 payload in our [in, out] layout with the scales trans
 [ceil(in / bi), ceil(out / bo)], and are dequantized in the expert computation."""
 from __future__ import annotations
 
-import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 
-FP8 = np.dtype(ml_dtypes.float8_e4m3fn)
+# FP8 block-scale arithmetic lives with the experts' matmul that dequantizes in the step (ep/quant.py)
+from ..ep.quant import FP8, dequantize_experts, dequantize_fp8, expand_scales, scale_shape  # noqa: F401
 
 # MXFP4 code points (the low nibble is the first of a byte's two values), OCP MX spec
 FP4_VALUES = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0],
                       np.float32)
-
-
-def scale_shape(rows: int, cols: int, block: tuple[int, int]) -> tuple[int, int]:
-    """Scale grid of a [rows, cols] weight with blocks of block[0] rows x block[1] columns."""
-    return (-(-rows // block[0]), -(-cols // block[1]))
-
-
-def expand_scales(scale, rows: int, cols: int, block: tuple[int, int], xp=np):
-    """[..., R, C] block scales -> [..., rows, cols]: each scale repeated over its block."""
-    s = xp.repeat(xp.repeat(scale, block[0], axis=-2), block[1], axis=-1)
-    return s[..., :rows, :cols]
-
-
-def dequantize_fp8(q, scale_inv, block: tuple[int, int], xp=np):
-    """q [..., rows, cols] float8_e4m3fn, scale_inv [..., ceil(rows/b0), ceil(cols/b1)] -> float32."""
-    rows, cols = q.shape[-2:]
-    return q.astype(xp.float32) * expand_scales(scale_inv.astype(xp.float32), rows, cols, block, xp)
-
-
-def dequantize_experts(w, scale, block_in_out: tuple[int, int], dtype):
-    """Inside the step: FP8 expert slots w [S, K, N] with scales [S, ceil(K/bk), ceil(N/bn)] -> dtype."""
-    return dequantize_fp8(w, scale, block_in_out, jnp).astype(dtype)
 
 
 def dequantize_mxfp4(blocks: np.ndarray, scales: np.ndarray) -> np.ndarray:

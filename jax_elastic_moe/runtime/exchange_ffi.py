@@ -1,6 +1,6 @@
 """The EP exchange inside XLA: `jem_exchange`, a C++ FFI op that drives Mooncake itself (csrc/exchange.h).
 
-The Python `Transport.exchange` (runtime/transport.py) is the reference and the fallback: same region
+The Python `Transport.exchange` (runtime/transport/) is the reference and the fallback: same region
 layout, same payload format, same seq rule, so ranks using either understand each other. The op
 never calls back into Python: packing into registered staging, the writes, the signals, the wait
 (short spin, yields, short sleeps) and the deadline are C++.
@@ -150,8 +150,10 @@ class NativeExchange:
         self.sync_fault()
 
     def sync_fault(self):
-        """Applies the Transport's fault injection (drop, delay_s) to the op too."""
-        self._mod.set_fault(self.id, bool(self.transport.drop), int(self.transport.delay_s * 1e9))
+        """Applies the Transport's fault injection (drop, delay_s: a FaultInjectingTransport's) to the op
+        too; a plain Transport injects none."""
+        drop, delay_s = getattr(self.transport, "drop", False), getattr(self.transport, "delay_s", 0.0)
+        self._mod.set_fault(self.id, bool(drop), int(delay_s * 1e9))
 
     def failure(self, since_seq: int = 1) -> ExchangeResult | None:
         """What the last op reported when it failed (failed: rank -> reason; silent: named only for a

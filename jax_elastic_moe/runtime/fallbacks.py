@@ -9,11 +9,10 @@ under a budget; a set not loaded in advance is loaded when its failure comes, an
 load when first used. Programs of survivor sets that
 no failure can leave any more are freed only while the engine is idle (a free holds the GIL ~15 ms).
 
-The private JAX modules used here (`jax._src.compiler`, `serialize_executable._JaxPjrtUnpickler`)
-were checked on jax 0.10.2; a program that cannot be moved is compiled at the failure instead."""
+`Portable` uses private JAX APIs, so it lives in jax_compat.py with the version check; a program that
+cannot be moved is compiled at the failure instead."""
 from __future__ import annotations
 
-import io
 import itertools
 import math
 import threading
@@ -21,59 +20,7 @@ import time
 import warnings
 from typing import Callable, Iterator
 
-import jax
 import numpy as np
-from jax._src import compiler as _compiler
-from jax._src import config as _config
-from jax.experimental import serialize_executable as _serialize
-
-
-class _OntoDevices(_serialize._JaxPjrtUnpickler):
-    """Unpickles a serialized executable onto other devices: each device id of the pickle (the
-    executable's, and those of its argument shardings) maps to the device at the same mesh position."""
-
-    def __init__(self, data: bytes, mapping: dict, devices: list):
-        super().__init__(io.BytesIO(data), devices[0].client, devices)
-        self._mapping, self._devices = mapping, devices
-
-    def persistent_load(self, pid):
-        if pid[0] == "device":
-            return self._mapping[pid[1]]
-        if pid[0] == "exec":        # the executable's own device assignment names the new devices too
-            options = _compiler.get_compile_options(
-                num_replicas=1, num_partitions=len(self._devices),
-                device_assignment=np.array(self._devices)[None, :])
-            return self.backend.deserialize_executable(pid[1], self.execution_devices, options)
-        return super().persistent_load(pid)
-
-
-def fresh_compile():
-    """A context (this thread only) in which programs are compiled, never read from JAX's persistent
-    compilation cache. XLA:CPU cannot serialize again an executable it read from that cache: the
-    copy loads but fails at its first run with "NOT_FOUND: Function ... not found". Programs meant
-    for `Portable` are compiled in it."""
-    return _config.enable_compilation_cache(False)
-
-
-class Portable:
-    """A compiled step that loads onto any mesh of as many devices as the one it was compiled for.
-
-    The SPMD program names mesh positions, never devices, so one compile per mesh size serves every
-    set of survivors of that size; loading (deserializing) costs a small fraction of compiling.
-    `compiled` must come from a compile in `fresh_compile()`."""
-
-    def __init__(self, compiled, devices):
-        self.data, self.in_tree, self.out_tree = _serialize.serialize(compiled)
-        self.devices = list(devices)
-
-    def load(self, devices):
-        devices = list(devices)
-        if len(devices) != len(self.devices):
-            raise ValueError(f"compiled for {len(self.devices)} devices, asked to load on {len(devices)}")
-        mapping = {a.id: b for a, b in zip(self.devices, devices)}
-        exe, args, no_kwargs = _OntoDevices(self.data, mapping, devices).load()
-        return jax.stages.Compiled(exe.load(), [], self.in_tree.unflatten(args), self.out_tree,
-                                   no_kwargs=no_kwargs)
 
 
 def memory_mappings() -> tuple[int, int]:

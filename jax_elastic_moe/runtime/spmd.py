@@ -21,6 +21,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from ..config import ModelConfig
+from ..jax_compat import Portable, fresh_compile
 from ..model.decoder import MoEModel
 from ..model.loader import EXPERT_PARAMS, is_expert_path
 from ..model.moe import EPContext
@@ -29,7 +30,7 @@ from ..placement import Placement
 from ..placement.movement import KINDS, plan_move_arrays, plan_moves
 from .base import Applied
 from .controller import RankFailure, compact
-from .fallbacks import FallbackPrograms, Portable, fresh_compile
+from .fallbacks import FallbackPrograms
 from .step import StepShape, empty_cache, input_rows, make_step, row_abstract
 
 

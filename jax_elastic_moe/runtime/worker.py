@@ -16,7 +16,8 @@ import os
 import sys
 import time
 
-from ..model.loader import EXPERT_PARAMS, is_expert_path
+from ..model.loader import is_expert_path
+from .expert_slots import ExpertSlots, region_bytes
 
 
 # failure reasons that say a peer was late, not that it is gone (weak evidence)
@@ -45,7 +46,7 @@ class Worker:
         from ..config import DTYPES, from_hf_dict
         from ..model.loader import load_checkpoint, random_params
         from .detector import HeartbeatSender
-        from .transport import Transport
+        from .transport import FaultInjectingTransport
         self.np, self.jnp, self.jax = np, jnp, jax
         self.cache_dir = msg.get("compilation_cache_dir")
         self.cfg = from_hf_dict(msg["config"])
@@ -56,34 +57,21 @@ class Worker:
         if msg.get("checkpoint"):
             _, params = load_checkpoint(msg["checkpoint"], self.dtype)
         elif msg.get("weights_file"):       # the controller's weights: no model to build here
-            from .mooncake import load_weights
+            from .workers import load_weights
             params = load_weights(msg["weights_file"])
         else:
             params = random_params(self.cfg, self.dtype, int(msg["seed"]))
         self.moe_layer_ids = [i for i, m in enumerate(self.cfg.moe_layers) if m]
-        h, inter = self.cfg.hidden_size, self.cfg.moe_intermediate_size
         itemsize = np.dtype(params[("embed",)].dtype).itemsize
-        self.slot_bytes = h * inter * itemsize
-        k = self.cfg.num_experts_per_tok
-        weights_bytes = max(1, len(self.moe_layer_ids) * 3 * self.spr * self.slot_bytes)
-        self.transport = Transport(self.rank, self.num_ranks, self.max_rows, h * itemsize,
-                                   self.max_rows * k * 8 + 256, host=self.host, weights_bytes=weights_bytes,
-                                   exchange_timeout=float(msg["exchange_timeout"]))
-        self.staging = self.transport.register_array(np.zeros(weights_bytes, np.uint8))
+        h, k = self.cfg.hidden_size, self.cfg.num_experts_per_tok
+        self.transport = FaultInjectingTransport(self.rank, self.num_ranks, self.max_rows, h * itemsize,
+                                                 self.max_rows * k * 8 + 256, host=self.host,
+                                                 weights_bytes=region_bytes(self.cfg, self.spr, itemsize),
+                                                 exchange_timeout=float(msg["exchange_timeout"]))
+        self.slots = ExpertSlots(self.transport, params, self.moe_layer_ids, self.spr, self.rank,
+                                 np.asarray(msg["phy2log"], np.int32))
         from .exchange_ffi import open_native_exchange
         self.native = open_native_exchange(self.transport)   # warns and returns None on a mismatch
-        wdtype = params[("embed",)].dtype
-        self.slots = self.transport.weights[:weights_bytes].view(wdtype).reshape(
-            len(self.moe_layer_ids), 3, self.spr, -1)
-        phy2log = np.asarray(msg["phy2log"], np.int32)
-        mine = phy2log[:, self.rank * self.spr:(self.rank + 1) * self.spr]
-        for m, layer in enumerate(self.moe_layer_ids):
-            for p, name in enumerate(EXPERT_PARAMS):
-                logical = params[("layers", layer, "mlp", name)]
-                for j, e in enumerate(mine[m]):
-                    self.slots[m, p, j] = logical[e].reshape(-1) if e >= 0 else 0
-        self.expert_shapes = {name: tuple(params[("layers", self.moe_layer_ids[0], "mlp", name)].shape[1:])
-                              for name in EXPERT_PARAMS} if self.moe_layer_ids else {}
         from .spmd import key_of
         self.key_of = key_of
         self.dense = {key_of(p): jax.device_put(a) for p, a in params.items() if not is_expert_path(p)}
@@ -117,12 +105,7 @@ class Worker:
         self.peers = [r for r in range(self.num_ranks) if self.active[r] and r != self.rank]
 
     def _upload_experts(self):
-        jnp = self.jnp
-        self.experts = {}
-        for m, layer in enumerate(self.moe_layer_ids):
-            for p, name in enumerate(EXPERT_PARAMS):
-                self.experts[self.key_of(("layers", layer, "mlp", name))] = jnp.asarray(
-                    self.slots[m, p].reshape((self.spr,) + self.expert_shapes[name]))
+        self.experts = self.slots.arrays(self.key_of, self.jnp.asarray)
 
     # -- the step -------------------------------------------------------------------------------
     def _host_exchange(self, moe_layer: int, phase: int, step, *arrays):
@@ -213,7 +196,7 @@ class Worker:
         """Compiles the programs of these step shapes, so no rank compiles inside a step with deadlines."""
         from .step import StepShape
         if self.cache_dir:      # shared by the workers of one host: one compiles, then the rest load; not
-            from ..settings import enable_compilation_cache     # on in init: all compile at once there
+            from ..jax_compat import enable_compilation_cache     # on in init: all compile at once there
             enable_compilation_cache(self.cache_dir)
             self.cache_dir = None
         t = time.perf_counter()
@@ -279,32 +262,11 @@ class Worker:
     def load(self, msg: dict):
         """Phase 1 of a weight move: fetch every slot to load into staging (peer slots by Mooncake
         read, backup blobs from the message). Nothing in the weights region changes yet."""
-        np = self.np
-        self._plan = []
-        per = 3 * self.slot_bytes
-        for i, (m, j, src) in enumerate(msg["loads"]):
-            dst = self.staging[i * per:(i + 1) * per]
-            if src["kind"] == "peer":
-                off = ((int(m) * 3) * self.spr + int(src["slot"])) * self.slot_bytes
-                for p in range(3):
-                    self.transport.read(int(src["rank"]), off + p * self.spr * self.slot_bytes, self.slot_bytes,
-                                        dst[p * self.slot_bytes:(p + 1) * self.slot_bytes], timeout=5.0)
-            elif src["kind"] == "local":
-                for p in range(3):
-                    dst[p * self.slot_bytes:(p + 1) * self.slot_bytes] = self.slots[int(m), p, int(src["slot"])].view(np.uint8)
-            else:   # host backup, sent by the controller
-                dst[:] = np.frombuffer(src["data"], np.uint8)
-            self._plan.append((int(m), int(j), i))
-        return {"loaded": len(self._plan)}
+        return {"loaded": self.slots.load(msg["loads"])}
 
     def commit(self, msg: dict):
         """Phase 2: staging -> weights region (after every rank finished its reads), then upload."""
-        per = 3 * self.slot_bytes
-        for m, j, i in self._plan:
-            block = self.staging[i * per:(i + 1) * per]
-            for p in range(3):
-                self.slots[m, p, j] = block[p * self.slot_bytes:(p + 1) * self.slot_bytes].view(self.slots.dtype)
-        self._plan = []
+        self.slots.commit()
         self._upload_experts()
         return {}
 

@@ -1,7 +1,8 @@
-"""Run Transport ranks in child processes on loopback: the harness of tests, benchmarks and demos.
+"""Run Transport ranks in child processes on loopback: the harness of tests and benchmarks.
 
 `LoopbackCluster` spawns one process per rank ("spawn" start method), each owning a `Transport` on
-127.0.0.1, and drives them over pipes with commands that are bounded in time on both sides. Every
+127.0.0.1 (a FaultInjectingTransport: the "fault" command drops or delays its sends), and drives them
+over pipes with commands that are bounded in time on both sides. Every
 child dies with its parent (PR_SET_PDEATHSIG), exits after `lifetime_s`, and `close()` kills every
 child it started by pid (SIGCONT first, so a stopped child can die too).
 
@@ -24,7 +25,8 @@ from typing import Iterable
 
 import numpy as np
 
-from .transport import PeerAddress, PeerFailure, Transport
+from ..runtime.processes import proc_state
+from ..runtime.transport import FaultInjectingTransport, PeerAddress, PeerFailure, Transport
 
 __all__ = ["LoopbackCluster", "RankError", "make_payload", "payload_digest"]
 
@@ -109,7 +111,7 @@ def _read(t: Transport, peer: int, offset: int, nbytes: int, timeout: float):
 
 def _invoke(t: Transport, target: str, **kwargs):
     """Runs `module:function(t, **kwargs)` in the rank process (helpers of other modules' tests and
-    benchmarks, e.g. runtime/exchange_check.py); its return value is the reply."""
+    benchmarks, e.g. testing/exchange_check.py); its return value is the reply."""
     module, _, name = target.partition(":")
     return getattr(importlib.import_module(module), name)(t, **kwargs)
 
@@ -132,7 +134,7 @@ def _rank_main(conn, rank: int, num_ranks: int, transport_kwargs: dict, lifetime
     die_with_parent()
     end = time.monotonic() + lifetime_s
     try:
-        transport = Transport(rank, num_ranks, **transport_kwargs)
+        transport = FaultInjectingTransport(rank, num_ranks, **transport_kwargs)
     except Exception as e:
         conn.send(("error", f"rank {rank} could not start its Transport: {e!r}"))
         return
@@ -160,16 +162,6 @@ def _rank_main(conn, rank: int, num_ranks: int, transport_kwargs: dict, lifetime
 
 
 # ---------------------------------------------------------------------------------- parent side
-
-
-def proc_state(stat_path: str) -> str | None:
-    """The state letter of a Linux /proc/<pid>[/task/<tid>]/stat file ("R", "S", "T", ...); None when
-    it cannot be read (no such process, not Linux)."""
-    try:
-        with open(stat_path) as f:
-            return f.read().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return None
 
 
 def _wait_stopped(pid: int, timeout: float):

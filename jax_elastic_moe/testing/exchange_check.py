@@ -1,5 +1,5 @@
 """Rank-side helpers of the native exchange's tests and benchmark, run in LoopbackCluster ranks with
-`cluster.call(rank, "invoke", target="jax_elastic_moe.runtime.exchange_check:<name>", ...)`.
+`cluster.call(rank, "invoke", target="jax_elastic_moe.testing.exchange_check:<name>", ...)`.
 
 Inputs are deterministic (`make_inputs(rank, step, ...)`), so every rank computes what it must
 receive (`expected`) without asking anyone. Three ways to exchange them, all checked against that:
@@ -14,7 +14,7 @@ import zlib
 
 import numpy as np
 
-from .exchange_ffi import NativeExchange
+from ..runtime.exchange_ffi import NativeExchange
 
 _DTYPES = {"float32": np.float32, "int32": np.int32, "uint8": np.uint8, "float16": np.float16, "int64": np.int64}
 
