@@ -60,6 +60,10 @@ std::string SetPeer(int64_t id, int64_t rank, const std::string& segment, uint64
                     const std::string& reason, int64_t drain_ns);
 std::string SetBlocked(int64_t id, int64_t rank);  // a handshake with `rank` holds Mooncake's lock; -1: none
 std::string SetFault(int64_t id, bool drop, int64_t delay_ns);
+// The epoch this rank is in: the high bits of every seq it writes and accepts (kEpochShift).
+std::string SetEpoch(int64_t id, uint64_t epoch);
+// Signals that arrived from another epoch, or from a rank not live, and were dropped (fencing).
+std::string StaleSignals(int64_t id, int64_t* count);
 // Writes a token from staging into this rank's own probe word through Mooncake and checks that it
 // arrived: proves the declared ABI (request layout, status codes) against the loaded library.
 std::string SelfTest(int64_t id, const std::string& own_segment, int64_t timeout_ns);

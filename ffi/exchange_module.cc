@@ -58,6 +58,12 @@ PYBIND11_MODULE(JEM_EXCHANGE_MODULE, m) {
   });
   m.def("set_blocked", [](int64_t id, int64_t rank) { Raise(ex::SetBlocked(id, rank)); });
   m.def("set_fault", [](int64_t id, bool drop, int64_t delay_ns) { Raise(ex::SetFault(id, drop, delay_ns)); });
+  m.def("set_epoch", [](int64_t id, uint64_t epoch) { Raise(ex::SetEpoch(id, epoch)); });
+  m.def("stale_signals", [](int64_t id) {
+    int64_t count = 0;
+    Raise(ex::StaleSignals(id, &count));
+    return count;
+  }, "Signals that arrived from another epoch or from a rank not live, and were dropped.");
   m.def("self_test", [](int64_t id, const std::string& own_segment, int64_t timeout_ns) {
     py::gil_scoped_release release;
     return ex::SelfTest(id, own_segment, timeout_ns);

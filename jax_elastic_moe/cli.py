@@ -136,6 +136,9 @@ def main(argv: list[str] | None = None) -> int:
     w.add_argument("--controller", required=True, help="tcp://HOST:PORT of the engine's control server")
     w.add_argument("--rank-range", required=True, help="ranks to run here, e.g. 4-7")
     w.add_argument("--host", default="127.0.0.1", help="this host's address for Mooncake")
+    w.add_argument("--self-fence-after", type=float, default=None,
+                   help="a rank exits after this many seconds without the controller's beacon (default: the "
+                        "controller's heartbeat timeout)")
     sub.add_parser("plan", help="expert placement availability planner (see `jem plan --help`)")
     sub.add_parser("bench", help="benchmarks: throughput, overhead, recovery, kernels, placement (`jem bench --help`)")
     args = ap.parse_args(argv)
@@ -153,7 +156,9 @@ def cmd_worker(args) -> int:
     lo, _, hi = args.rank_range.partition("-")
     ranks = range(int(lo), int(hi or lo) + 1)
     procs = [subprocess.Popen([sys.executable, "-m", "jax_elastic_moe.runtime.worker", "--controller",
-                               args.controller, "--rank", str(r), "--host", args.host]) for r in ranks]
+                               args.controller, "--rank", str(r), "--host", args.host]
+                              + (["--self-fence-after", str(args.self_fence_after)] if args.self_fence_after else []))
+             for r in ranks]
     code = 1
     try:
         code = max(p.wait() for p in procs)

@@ -240,7 +240,9 @@ class Engine:
         return {"mode": self.mode.value, "epoch": self._controller.epoch.number,
                 "active_ranks": np.nonzero(self.active)[0].tolist(),
                 "alive_ranks": np.nonzero(self.alive)[0].tolist(), "transient_retries": self.transient_retries,
-                "recoveries": [r.as_dict() for r in self._controller.records]}
+                "recoveries": [r.as_dict() for r in self._controller.records],
+                # mooncake: what fencing dropped (exchange signals, steps, replies of another epoch)
+                **({"stale": self._runtime.stale_counts()} if self.mode == Mode.MOONCAKE else {})}
 
     # -- compute ------------------------------------------------------------------------------------
     def score(self, token_ids) -> np.ndarray:

@@ -7,7 +7,9 @@ error if generate failed, and the fault's timing.
     python multihost_driver.py SPEC_JSON
 
 SPEC: endpoint, ranks, redundant, prompts, new_tokens, heartbeat_timeout, exchange_timeout,
-hosts (namespace names), fault: {action: kill | cut | none, host, at_step, hold_s}."""
+hosts (namespace names), fault: {action: kill | cut | none, host, at_step, hold_s, serve_after_restore}.
+serve_after_restore: after a cut is restored, keep serving the prompts (up to 60 s) until the cut
+host's fenced workers have been heard from and told to exit; records the stale counts."""
 from __future__ import annotations
 
 import json
@@ -59,7 +61,21 @@ def main(spec: dict) -> dict:
         out["ended_at"] = time.perf_counter()
         if t.is_alive():
             t.join(timeout=fault.get("hold_s", 0) + 10)
+        if fault.get("serve_after_restore") and "tokens" in out:
+            out["after_restore_identical"] = True
+            limit = time.monotonic() + 60
+            while eng.stats()["stale"]["fenced_told_to_exit"] == 0 and time.monotonic() < limit:
+                again = [r.token_ids for r in eng.generate(spec["prompts"], max_new_tokens=spec["new_tokens"],
+                                                           stop_token_ids=[])]
+                out["after_restore_identical"] &= again == out["tokens"]
+            out["told_at"] = time.perf_counter()
+            limit = time.monotonic() + 15         # before close(), whose shutdown would end them anyway
+            while hosts.pids(fault["host"]) and time.monotonic() < limit:
+                time.sleep(0.05)
+            if not hosts.pids(fault["host"]):
+                out["fenced_gone_at"] = time.perf_counter()
         stats = eng.stats()
+        out["stale"] = stats.get("stale")
         out["recoveries"] = [{k: v for k, v in r.items() if isinstance(v, (int, float, str, list, bool, type(None)))}
                              for r in stats["recoveries"]]
         out["transient_retries"] = eng._loop.transient_retries

@@ -141,6 +141,19 @@ def test_threads_in_process_detect_a_stopped_sender():
         assert sender.sent >= 5
 
 
+def test_heartbeats_of_an_old_incarnation_are_dropped_and_reported():
+    """A fenced process (rank 3, incarnation 41) that is heard from again beside its successor (42):
+    its beats do not count for rank 3, and take_strangers names it with how many arrived."""
+    with HeartbeatMonitor(interval=0.05, timeout=0.5) as monitor:
+        monitor.watch(3, incarnation=42)
+        with HeartbeatSender(monitor.endpoint, 3, incarnation=42, interval=0.05), \
+                HeartbeatSender(monitor.endpoint, 3, incarnation=41, interval=0.05) as old:
+            assert _wait_for(lambda: old.sent >= 5 and monitor.rejected >= 3, 5)
+        strangers = monitor.take_strangers()
+        assert list(strangers) == [(3, 41)] and strangers[(3, 41)] == monitor.rejected
+        assert monitor.health(3).beats >= 3 and monitor.take_strangers() == {}
+
+
 def test_sender_drops_beats_while_no_monitor_listens():
     """Heartbeats are not queued for later: a burst of stale beats would hide an outage."""
     with HeartbeatSender("tcp://127.0.0.1:9", 0, interval=0.02) as sender:  # nothing listens there

@@ -156,6 +156,27 @@ def test_drop_injection_blames_the_dropping_rank(cluster4):
         assert 1 in results[rank]["silent"], results[rank]
 
 
+@pytest.mark.parametrize("mode", ["native", "python"])
+def test_a_rank_of_an_old_epoch_is_never_counted(cluster4, mode):
+    """Fencing: ranks 0, 1 and 3 move to epoch 2 without rank 2 (it was declared dead, say cut off);
+    rank 2 comes back still in epoch 1 and runs a step, writing to all of them. Its signals arrive
+    and are dropped and counted, the survivors' steps are exact, and rank 2 (which accepts only its
+    own epoch) gets nothing from them."""
+    cluster4.call_all(range(4), "invoke", target=CHECK + "set_epoch", epoch=1)
+    _assert_ok(_run(cluster4, {r: mode for r in range(4)}, 1, 1, tokens=8, spec=SPEC), 1)
+    survivors = [0, 1, 3]
+    cluster4.call_all(survivors, "invoke", target=CHECK + "set_epoch", epoch=2)
+    stale = _run(cluster4, {2: mode}, 2, 1, tokens=8, spec=SPEC, counts="full")[2]
+    assert stale["steps"] == 0 and set(stale["silent"]) == {0, 1, 3}, stale
+    results = _run(cluster4, {r: mode for r in survivors}, 2, 2, tokens=8, spec=SPEC, active=[1, 1, 0, 1])
+    _assert_ok(results, 2)
+    counts = cluster4.call_all(survivors, "invoke", target=CHECK + "stale_signals")
+    assert all(c[mode] >= 1 for c in counts.values()), counts      # rank 2's signal, seen and dropped
+    # back in the fold at epoch 3 (a rejoin): everyone is counted again
+    cluster4.call_all(range(4), "invoke", target=CHECK + "set_epoch", epoch=3)
+    _assert_ok(_run(cluster4, {r: mode for r in range(4)}, 4, 2, tokens=8, spec=SPEC), 2)
+
+
 def test_self_test_and_fallback(monkeypatch):
     with Transport(0, 1, max_rows=4, row_bytes=64, meta_bytes=64) as transport:
         native = exchange_ffi.NativeExchange(transport)

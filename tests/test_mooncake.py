@@ -16,7 +16,7 @@ pytest.importorskip("zmq")
 import jax_elastic_moe as jem  # noqa: E402
 from jax_elastic_moe.placement import validate  # noqa: E402
 from jax_elastic_moe.runtime.controller import EngineDead  # noqa: E402
-from runtime_support import time_limit  # noqa: E402
+from runtime_support import ffi_required, time_limit  # noqa: E402
 
 PROMPTS = [[3, 4, 5], [10, 20, 30, 40, 50, 60], [7], [100, 101], [9, 9, 9, 9], [42], [250, 3], [17, 18, 19]]
 NEW = 10
@@ -113,6 +113,8 @@ def last_recovery(eng):
 
 def test_no_failure_matches_one_device(engine, reference):
     eng, _ = engine
+    if ffi_required("cpu"):                     # CI: the C++ op is built, so every worker uses it
+        assert {w.exchange for w in eng._runtime.workers.values()} == {"native"}
     assert run(eng, 600) == reference
     with time_limit(600, "background compiles"):
         eng.wait_fallbacks()
@@ -121,6 +123,7 @@ def test_no_failure_matches_one_device(engine, reference):
 def test_mixed_lengths_admitted_as_others_finish_without_compiling(engine, one_rank):
     eng, _ = engine
     want = [r.token_ids for r in one_rank.generate(MIXED, max_new_tokens=MIXED_NEW, stop_token_ids=[])]
+    eng.generate(MIXED[:1], max_new_tokens=1)      # a step, so every worker has said how many programs it has
     programs = dict(eng._runtime.programs)
     assert programs and all(n == len(eng._scheduler.shapes()) for n in programs.values())
     with time_limit(300, "generate"):
@@ -224,3 +227,17 @@ def test_kill_beyond_redundancy_stops_clearly(engine):
             eng.generate(PROMPTS, max_new_tokens=NEW, stop_token_ids=[])
     with pytest.raises(EngineDead):
         eng.generate(PROMPTS, max_new_tokens=NEW)
+
+
+def test_python_exchange_fallback_serves_through_a_kill(reference, monkeypatch):
+    """Workers that cannot use the C++ op exchange through the Python Transport (io_callback): the
+    same tokens, through a kill, with the epoch on every signal (3 workers, an engine of its own)."""
+    monkeypatch.setenv("JEM_EXCHANGE", "python")                     # the spawned workers inherit it
+    with time_limit(600, "3 workers, Python exchange"):
+        with jem.Engine.from_config("tiny", num_ranks=3, redundant_experts=10, mode="mooncake", **KW) as eng:
+            assert {w.exchange for w in eng._runtime.workers.values()} == {"python"}
+            assert run(eng) == reference
+            eng.fail_rank(2, how="kill", at_step=3)
+            assert run(eng) == reference
+            assert last_recovery(eng)["failed_ranks"] == [2] and eng.stats()["alive_ranks"] == [0, 1]
+            assert eng.stats()["stale"]["messages"] == 0 and eng.stats()["stale"]["replies"] == 0

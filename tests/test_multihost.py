@@ -1,7 +1,8 @@
 """Several hosts for real: network namespaces as hosts (tests/netns_hosts.py). Host 0 runs the
 controller (tests/multihost_driver.py), hosts 1-3 run `jem worker` for two ranks each; Mooncake and
 the control plane go over the namespaces' own addresses. Faults: a whole host killed, a host's link
-cut for less than the heartbeat timeout, the controller's host cut. Needs root and `ip`; skipped with
+cut for less or more than the heartbeat timeout (also with its workers' self-fencing held off), the
+controller's host cut. Needs root and `ip`; skipped with
 the reason elsewhere (CI runs as root)."""
 import json
 import os
@@ -41,9 +42,10 @@ def reference():
     return reference_tokens()
 
 
-def serve(fault: dict, timeout: float = 420):
+def serve(fault: dict, timeout: float = 420, worker_args: dict | None = None):
     """Hosts 0 (controller) + 3 worker hosts; runs the driver with `fault`; returns its result, with
-    gone_at: worker host -> when its processes were all gone (while the controller still ran)."""
+    gone_at: worker host -> when its processes were all gone (while the controller still ran).
+    worker_args: host -> extra `jem worker` arguments."""
     with netns_hosts.NetnsHosts(1 + WORKER_HOSTS) as hosts:
         endpoint = f"tcp://{hosts.addrs[0]}:{PORT}"
         env = dict(os.environ, JAX_PLATFORMS="cpu", MC_LOG_LEVEL="ERROR",
@@ -51,7 +53,8 @@ def serve(fault: dict, timeout: float = 420):
         for h in range(1, 1 + WORKER_HOSTS):
             lo = (h - 1) * RANKS_PER_HOST
             hosts.popen(h, [sys.executable, "-m", "jax_elastic_moe.cli", "worker", "--controller", endpoint,
-                            "--rank-range", f"{lo}-{lo + RANKS_PER_HOST - 1}", "--host", hosts.addrs[h]],
+                            "--rank-range", f"{lo}-{lo + RANKS_PER_HOST - 1}", "--host", hosts.addrs[h],
+                            *(worker_args or {}).get(h, [])],
                         env=env, stdin=subprocess.DEVNULL)
         spec = dict(endpoint=endpoint, ranks=RANKS_PER_HOST * WORKER_HOSTS, redundant=10, prompts=PROMPTS,
                     new_tokens=NEW, heartbeat_timeout=HB_TIMEOUT, exchange_timeout=1.0, hosts=hosts.names,
@@ -79,7 +82,7 @@ def serve(fault: dict, timeout: float = 420):
                                  for r in result.get("recoveries", [])],
                   "resumed_after_fault_s": [r["resumed_at"] - result["fault_at"] for r in result.get("recoveries", [])],
                   "hosts_emptied_after_fault_s": {h: t - result["fault_at"] for h, t in gone_at.items()},
-                  "transient_retries": result.get("transient_retries")}
+                  "transient_retries": result.get("transient_retries"), "stale": result.get("stale")}
         print("MULTIHOST " + json.dumps(timing))     # the measured table of docs/RUNTIME.md (pytest -s)
         return result
 
@@ -123,3 +126,20 @@ def test_partition_past_the_timeout_is_a_failure_and_the_cut_host_fences_itself(
     # stale is left to write into the survivors' buffers of the new epoch
     assert 1 in result["gone_at"] and result["gone_at"][1] - result["fault_at"] <= HB_TIMEOUT + 2.0
     assert result["gone_at"][1] < result["fault_at"] + hold
+
+
+def test_cut_off_host_that_did_not_fence_itself_is_never_counted_and_is_told_to_exit(reference):
+    # host 1's workers wait 120 s for the controller's beacon (as if their own fencing were stuck), so
+    # after the link comes back they are alive in the old epoch: the controller has fenced them (their
+    # incarnation and epoch are no longer counted) and tells them to exit when it hears from them
+    hold = HB_TIMEOUT + 3
+    result = serve(dict(action="cut", host=1, at_step=3, hold_s=hold, serve_after_restore=True),
+                   worker_args={1: ["--self-fence-after", "120"]})
+    assert "error" not in result, result["error"]
+    assert result["tokens"] == reference and result["after_restore_identical"] is True
+    (rec,) = result["recoveries"]
+    assert sorted(rec["failed_ranks"]) == [0, 1] and result["live"] == [2, 3, 4, 5]
+    # they were heard from (their heartbeats arrived and were dropped) and told to exit
+    assert result["stale"]["heartbeats"] >= 1 and result["stale"]["fenced_told_to_exit"] >= 1, result["stale"]
+    assert "fenced_gone_at" in result, "the fenced workers of host 1 still ran 15 s after they were told to exit"
+    assert result["restored_at"] < result["fenced_gone_at"]

@@ -185,8 +185,10 @@ ffi::Error Exchange(Context* ctx, const int32_t* counts, const int32_t* live, in
                     int32_t* received, int64_t n, int64_t t, int64_t seq_stride, int64_t seq_offset, int64_t timeout_ns) {
   const Geometry& g = ctx->g;
   if (n != g.num_ranks) return ffi::Error::InvalidArgument("jem_exchange: N differs from the context's rank count");
-  const int64_t seq_signed = static_cast<int64_t>(step) * seq_stride + seq_offset;
-  if (seq_signed < 1) return ffi::Error::InvalidArgument("jem_exchange: seq must be >= 1, got " + std::to_string(seq_signed));
+  const int64_t own = static_cast<int64_t>(step) * seq_stride + seq_offset;
+  if (own < 1 || own >= (int64_t{1} << kEpochShift))
+    return ffi::Error::InvalidArgument("jem_exchange: seq must be in [1, 2**40), got " + std::to_string(own));
+  const int64_t seq_signed = static_cast<int64_t>(ctx->epoch << kEpochShift) | own;
   const uint64_t seq = static_cast<uint64_t>(seq_signed);
   for (int64_t r = 0; r < n; ++r) {
     if (counts[r] < 0 || counts[r] > t) return ffi::Error::InvalidArgument("jem_exchange: send_counts out of [0, T]");
@@ -200,6 +202,7 @@ ffi::Error Exchange(Context* ctx, const int32_t* counts, const int32_t* live, in
   }
   const auto t0 = Clock::now();
   ctx->PollOrphans();
+  ctx->ScanStale(live);
   std::map<int64_t, FailureRecord> failed;
   auto fail = [&](int64_t rank, const char* kind, const std::string& why) {
     if (!failed.count(rank)) failed[rank] = FailureRecord{rank, kind, why};
@@ -337,6 +340,7 @@ ffi::Error Exchange(Context* ctx, const int32_t* counts, const int32_t* live, in
   }
   for (int64_t src = 0; src < n; ++src)  // probes still in flight: polled until Mooncake resolves them
     if (probes[static_cast<size_t>(src)] != 0) ctx->peers[static_cast<size_t>(src)].orphans.push_back({probes[static_cast<size_t>(src)], "probe"});
+  ctx->ScanStale(live);
   ctx->last_seq = seq_signed;
   ctx->last_elapsed_ns = NanosSince(t0);
   ctx->last_failure.clear();

@@ -168,6 +168,39 @@ std::string SetFault(int64_t id, bool drop, int64_t delay_ns) {
   return "";
 }
 
+std::string SetEpoch(int64_t id, uint64_t epoch) {
+  auto ctx = Find(id);
+  if (!ctx) return "no exchange context " + std::to_string(id);
+  if (epoch >= (uint64_t{1} << (63 - kEpochShift))) return "epoch " + std::to_string(epoch) + " too large";
+  std::lock_guard<std::mutex> lock(ctx->mu);
+  ctx->epoch = epoch;
+  return "";
+}
+
+std::string StaleSignals(int64_t id, int64_t* count) {
+  auto ctx = Find(id);
+  if (!ctx) return "no exchange context " + std::to_string(id);
+  std::lock_guard<std::mutex> lock(ctx->mu);
+  *count = ctx->stale;
+  return "";
+}
+
+void Context::ScanStale(const int32_t* live) {
+  const size_t words = static_cast<size_t>(g.num_ranks * g.buffers);
+  if (seen.size() != words) seen.assign(words, 0);
+  for (int64_t src = 0; src < g.num_ranks; ++src) {
+    if (src == g.rank) continue;
+    for (int64_t b = 0; b < g.buffers; ++b) {
+      const auto* word = reinterpret_cast<const std::atomic<uint64_t>*>(Region() + (src * g.buffers + b) * kAlign);
+      const uint64_t value = word->load(std::memory_order_acquire);
+      uint64_t& last = seen[static_cast<size_t>(src * g.buffers + b)];
+      if (value == last) continue;
+      last = value;
+      if (!live[src] || (value >> kEpochShift) != epoch) ++stale;
+    }
+  }
+}
+
 std::string SelfTest(int64_t id, const std::string& own_segment, int64_t timeout_ns) {
   auto ctx = Find(id);
   if (!ctx) return "no exchange context " + std::to_string(id);
@@ -201,7 +234,7 @@ std::string LastFailure(int64_t id, int64_t* seq, std::vector<FailureRecord>* ou
   auto ctx = Find(id);
   if (!ctx) return "no exchange context " + std::to_string(id);
   std::lock_guard<std::mutex> lock(ctx->mu);
-  *seq = ctx->last_seq;
+  *seq = ctx->last_seq & ((int64_t{1} << kEpochShift) - 1);  // the step's own number, without the epoch
   *out = ctx->last_failure;
   return "";
 }

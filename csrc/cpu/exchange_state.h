@@ -26,6 +26,9 @@ constexpr int64_t kHeaderBytes = 576;  // runtime/layout.py HEADER_BYTES
 constexpr int64_t kMaxArrays = 8;
 constexpr int64_t kMaxNdim = 4;
 constexpr uint64_t kMagic = 0x4A454D5F50415931ull;  // "JEM_PAY1"
+// A seq is (epoch << kEpochShift) | the step's own number: every payload header and signal carries
+// the epoch it was written in, and a receiver accepts only its own epoch's.
+constexpr int kEpochShift = 40;
 
 // Outcome of polling one transfer, as the Python binding's transfer_check_status reports it.
 enum class Poll { kPending, kCompleted, kFailed, kTimedOut };
@@ -59,6 +62,9 @@ struct Context {
   bool drop = false;
   int64_t delay_ns = 0;
   int64_t last_seq = 0;
+  uint64_t epoch = 0;              // the installed epoch (SetEpoch)
+  int64_t stale = 0;               // signals seen and dropped: another epoch's, or a rank's not live
+  std::vector<uint64_t> seen;      // the last value seen in each signal word
   int64_t last_elapsed_ns = 0;  // of the last op, from its start (after any injected delay) to its return
   std::vector<FailureRecord> last_failure;
 
@@ -80,6 +86,8 @@ struct Context {
   Poll Check(BatchID batch);
   // Polls every orphan; a failed one marks its peer failed. Returns how many are still pending.
   int64_t PollOrphans();
+  // Counts the signal words written since the last scan by a rank not in `live` or in another epoch.
+  void ScanStale(const int32_t* live);
 };
 
 std::shared_ptr<Context> Find(int64_t id);

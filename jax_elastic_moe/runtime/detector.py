@@ -269,6 +269,7 @@ class HeartbeatMonitor(_SocketThread):
         self._thread: threading.Thread | None = None
         self.callback_errors: list[BaseException] = []
         self.rejected = 0  # malformed heartbeats, or from unwatched ranks / other incarnations
+        self._strangers: dict[tuple, int] = {}   # (rank, incarnation) -> well-formed heartbeats rejected
 
     def _open_socket(self) -> zmq.Socket:
         sock = make_socket(self._context, zmq.PULL)
@@ -286,6 +287,13 @@ class HeartbeatMonitor(_SocketThread):
     def suspects(self) -> set:
         with self._lock:
             return self.detector.suspects()
+
+    def take_strangers(self) -> dict[tuple, int]:
+        """{(rank, incarnation): count} of the well-formed heartbeats rejected since the last call (an
+        unwatched rank, or another incarnation: e.g. a fenced worker whose host came back)."""
+        with self._lock:
+            out, self._strangers = self._strangers, {}
+            return out
 
     def health(self, rank: int) -> PeerHealth:
         with self._lock:
@@ -311,6 +319,9 @@ class HeartbeatMonitor(_SocketThread):
                             msg = decode(data)
                             accepted = msg["type"] == "heartbeat" and self.detector.heartbeat(
                                 msg["rank"], msg["incarnation"])
+                            if not accepted and msg["type"] == "heartbeat":
+                                key = (msg["rank"], msg["incarnation"])
+                                self._strangers[key] = self._strangers.get(key, 0) + 1
                         except (ProtocolError, TypeError):
                             accepted = False
                         self.rejected += not accepted

@@ -149,6 +149,15 @@ class NativeExchange:
         self._mod.set_blocked(self.id, -1 if blocker is None else int(blocker))
         self.sync_fault()
 
+    def set_epoch(self, epoch: int):
+        """The epoch of every seq the op writes and accepts from now on (layout.with_epoch): a signal
+        of another epoch, or from a rank not live, is dropped and counted (stale_signals)."""
+        self._mod.set_epoch(self.id, int(epoch))
+
+    def stale_signals(self) -> int:
+        """Signals that arrived from another epoch or from a rank not live, and were dropped."""
+        return int(self._mod.stale_signals(self.id))
+
     def sync_fault(self):
         """Applies the Transport's fault injection (drop, delay_s: a FaultInjectingTransport's) to the op
         too; a plain Transport injects none."""

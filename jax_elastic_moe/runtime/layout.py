@@ -24,8 +24,8 @@ from typing import Sequence
 import numpy as np
 
 __all__ = [
-    "ALIGN", "HEADER_BYTES", "MAX_ARRAYS", "MAX_NDIM", "PayloadError", "RegionLayout", "check_seq",
-    "aligned_buffer", "pack_payload", "unpack_payload",
+    "ALIGN", "EPOCH_SHIFT", "HEADER_BYTES", "MAX_ARRAYS", "MAX_NDIM", "PayloadError", "RegionLayout", "check_seq",
+    "aligned_buffer", "pack_payload", "unpack_payload", "with_epoch",
 ]
 
 ALIGN = 64
@@ -36,6 +36,19 @@ _ARRAY_WORDS = 8
 HEADER_BYTES = 8 * (_HEADER_WORDS + MAX_ARRAYS * _ARRAY_WORDS)  # 576
 _MAGIC = 0x4A454D5F50415931  # "JEM_PAY1"
 _MAX_SEQ = 2**63 - 1
+# A seq written by an exchange is (epoch << EPOCH_SHIFT) | the step's own number (csrc/cpu/
+# exchange_state.h kEpochShift): every header and signal carries its epoch, and a receiver accepts
+# only its own epoch's, so a rank fenced out of an epoch cannot be counted in a later one.
+EPOCH_SHIFT = 40
+
+
+def with_epoch(seq: int, epoch: int) -> int:
+    """`seq` (in [1, 2**40)) tagged with `epoch`."""
+    if not 1 <= int(seq) < 1 << EPOCH_SHIFT:
+        raise ValueError(f"seq must be in [1, 2**{EPOCH_SHIFT}) to carry an epoch, got {seq}")
+    if not 0 <= int(epoch) < 1 << (63 - EPOCH_SHIFT):
+        raise ValueError(f"epoch must be in [0, 2**{63 - EPOCH_SHIFT}), got {epoch}")
+    return (int(epoch) << EPOCH_SHIFT) | int(seq)
 
 
 def _dtype_table() -> list[np.dtype]:

@@ -55,6 +55,9 @@ class MooncakeRuntime:
         self.live: list[int] = list(range(num_ranks))
         self.active = np.ones(num_ranks, np.int32)
         self._step_seq = 0
+        self.epoch = 0                              # numbers every install; steps and replies carry it
+        self.stale_replies = 0                      # step replies of another epoch, dropped
+        self.stale_seen: dict[int, dict] = {}       # rank -> what fencing dropped there (its last reply)
         self.shapes: list = []                      # the step shapes every live worker has compiled
         self.programs: dict[int, int] = {}          # rank -> programs it had compiled at its last step
         self._step_started = time.monotonic()
@@ -108,12 +111,6 @@ class MooncakeRuntime:
         self.shapes = list(shapes)
         return time.perf_counter() - t
 
-    def prefill(self, batch):
-        return self._step(batch)
-
-    def decode(self, batch):
-        return self._step(batch)
-
     def after_good_step(self, decide):
         pass
 
@@ -124,18 +121,23 @@ class MooncakeRuntime:
         """Sends each live rank its rows of the batch; returns (next tokens [rows], counts [Lm, E])."""
         self._step_seq += 1
         self._step_started = time.monotonic()
+        self.fleet.tell_fenced_to_exit()
         per_input = input_rows(batch.shape)
         ids = {}
         for i, r in enumerate(self.live):
             part = {k: batch.rows[k][i * n:(i + 1) * n].tolist() for k, n in per_input.items()}
-            msg = message("step", id=self.fleet.next_id(), shape=batch.shape.as_list(), step=self._step_seq, **part)
+            msg = message("step", id=self.fleet.next_id(), epoch=self.epoch, shape=batch.shape.as_list(),
+                          step=self._step_seq, **part)
             ids[msg["id"]] = r
             self.fleet.send(r, msg)
         return self._collect(ids, out_rows(batch.shape))
 
+    prefill = decode = _step        # one program per step shape either way
+
     def _collect(self, ids: dict, b: int):
         """Waits until every rank has answered the step (tokens, or a report of a failed exchange) or
-        is known dead (its process exited or stopped; remote: its heartbeats stopped). A rank that is
+        is known dead (its process exited or stopped; remote: its heartbeats stopped, or a peer's
+        transfer to it failed outright and its heartbeats are late: about 1 s). A rank that is
         only slow keeps heartbeating and is waited for, never declared dead, also past the step's
         usual limit (up to STEP_HARD_LIMIT_S: a rank that heartbeats but never answers is wedged).
         Suspicions are then confirmed one rank at a time, each on its own evidence (_confirm), so a
@@ -151,6 +153,11 @@ class MooncakeRuntime:
             self.fleet.keepalive()
             missing = ranks - set(replies) - set(reports)
             dead = {r for r in missing if self.liveness.dead_now(r)}
+            # remote ranks that peers' transfers failed to outright and whose heartbeats are late too
+            # are dead on that evidence (Liveness.confirm): no wait for the whole heartbeat timeout
+            hit = {int(x) for m in reports.values() for x in m["direct"]}
+            dead |= {r for r in missing & hit if self.workers[r].stopped() is None
+                     and not self.liveness.heartbeating(r)}
             now = time.monotonic()
             if not missing - dead or now >= hard or (
                     now >= limit and not all(self.liveness.heartbeating(r) for r in missing - dead)):
@@ -160,9 +167,14 @@ class MooncakeRuntime:
             except ControlTimeout:
                 continue
             m = inc.msg
+            if m["type"] == "reply" and m.get("epoch", self.epoch) != self.epoch:
+                self.stale_replies += 1             # a rank of another epoch (cut off, then back)
+                continue
             if m["type"] != "reply" or m["id"] not in ids:
                 continue
             r = ids[m["id"]]
+            if "stale" in m:
+                self.stale_seen[r] = m["stale"]
             if m["ok"] and m.get("tokens") is not None:
                 replies[r] = m
             elif m.get("failed_step"):
@@ -201,6 +213,15 @@ class MooncakeRuntime:
         return out, counts
 
     # -- epochs ---------------------------------------------------------------------------------------
+    def stale_counts(self) -> dict:
+        """What fencing dropped: exchange signals and steps of another epoch at the workers (summed
+        over the ranks' last replies); here, step replies of another epoch and heartbeats of fenced
+        processes; and how many fenced processes were told to exit."""
+        return {"signals": sum(int(v.get("signals", 0)) for v in self.stale_seen.values()),
+                "messages": sum(int(v.get("messages", 0)) for v in self.stale_seen.values()),
+                "replies": self.stale_replies, "heartbeats": self.fleet.stale_heartbeats,
+                "fenced_told_to_exit": self.fleet.told_to_exit}
+
     def fence(self, ranks):
         """Makes sure ranks declared dead are dead (a paused or dropping process must not come back)."""
         self.fleet.fence(ranks)
@@ -232,6 +253,7 @@ class MooncakeRuntime:
         """Installs an epoch on the live ranks: peers, mask, placement, then the two-phase weight move
         (every rank reads into staging, then every rank commits). Returns counts of loads by source."""
         old = self.placement
+        self.epoch += 1
         self.active = np.asarray(active, np.int32)
         self.live = [r for r in range(self.num_ranks) if self.active[r]]
         peers = {str(r): self.workers[r].address for r in self.live}
@@ -240,11 +262,10 @@ class MooncakeRuntime:
         connect = max(5.0, 0.5 * len(self.live))
         for attempt in range(self.INSTALL_ATTEMPTS):
             try:
-                self.fleet.command(self.live, lambda r: message("install", id=self.fleet.next_id(), peers=peers,
-                                                            active=self.active.tolist(),
-                                                            log2phy=placement.log2phy.tolist(),
-                                                            connect_timeout=connect),
-                              timeout=60 + connect, what="install the epoch")
+                install = dict(epoch=self.epoch, peers=peers, active=self.active.tolist(),
+                               log2phy=placement.log2phy.tolist(), connect_timeout=connect)
+                self.fleet.command(self.live, lambda r: message("install", id=self.fleet.next_id(), **install),
+                                   timeout=60 + connect, what="install the epoch")
                 break
             except RankFailure:
                 raise
@@ -288,6 +309,9 @@ class MooncakeRuntime:
         """Fault injection: kill (SIGKILL), hang (SIGSTOP), slow (delays its exchanges), drop (its
         transfers fail)."""
         w = self.workers[rank]
+        if how in ("kill", "hang") and w.proc is None:
+            raise ValueError(f"rank {rank} runs on another host: the controller cannot {how} it (inject 'slow' "
+                             f"or 'drop', or kill it where it runs)")
         self.fleet.injected_at[rank] = time.perf_counter()
         if how == "kill":
             w.signal(signal.SIGKILL)

@@ -8,10 +8,12 @@ COMMANDS = {
     "init": ("id", "config", "dtype", "seed", "num_ranks", "slots_per_rank", "max_rows", "phy2log", "log2phy",
              "active", "exchange_timeout", "heartbeat_endpoint", "heartbeat_interval", "incarnation"),
     "compile": ("id", "shapes"),
-    # a step's per-row inputs (runtime/step.py input_rows); a prefill step adds decode_<name> ones
-    "step": ("id", "shape", "step", "tokens", "positions", "valid", "slot", "last", "seeds", "sample_ids",
+    # a step's per-row inputs (runtime/step.py input_rows); a prefill step adds decode_<name> ones.
+    # "epoch": the epoch the controller sends it in; a worker in another epoch refuses it, and a
+    # step's reply carries the worker's epoch, which the controller checks the same way
+    "step": ("id", "epoch", "shape", "step", "tokens", "positions", "valid", "slot", "last", "seeds", "sample_ids",
              "temperature", "top_p"),
-    "install": ("id", "peers", "active", "log2phy"),
+    "install": ("id", "epoch", "peers", "active", "log2phy"),
     "load": ("id", "loads"),
     "commit": ("id",),
     "fault": ("id", "how"),

@@ -18,6 +18,7 @@ import time
 
 from ..model.loader import is_expert_path
 from .expert_slots import ExpertSlots, region_bytes
+from .host_exchange import HostExchange
 
 
 # failure reasons that say a peer was late, not that it is gone (weak evidence)
@@ -25,7 +26,7 @@ LATE = ("deadline", "timed out", "abandoned", "still in flight", "blocked by a h
 
 
 class Worker:
-    def __init__(self, endpoint: str, rank: int, host: str = "127.0.0.1"):
+    def __init__(self, endpoint: str, rank: int, host: str = "127.0.0.1", self_fence_after: float | None = None):
         from .control import ControlClient
         from .protocol import register_messages
         register_messages()
@@ -35,7 +36,11 @@ class Worker:
         self.native = None          # NativeExchange, or None: the Python exchange (io_callback)
         self.heartbeat = None
         self.beacon = None
-        self.failure = None
+        self.python_exchange = None     # HostExchange: the Python exchange, where the op cannot be used
+        self.epoch = 0                  # the installed epoch (see install())
+        self.incarnation = None         # this process's, from init
+        self.self_fence_after = self_fence_after
+        self.stale_messages = 0         # steps refused for carrying another epoch
 
     # -- setup ----------------------------------------------------------------------------------
     def init(self, msg: dict):
@@ -72,6 +77,7 @@ class Worker:
                                  np.asarray(msg["phy2log"], np.int32))
         from .exchange_ffi import open_native_exchange
         self.native = open_native_exchange(self.transport)   # warns and returns None on a mismatch
+        self.python_exchange = HostExchange(self.transport, len(self.moe_layer_ids))
         from .spmd import key_of
         self.key_of = key_of
         self.dense = {key_of(p): jax.device_put(a) for p, a in params.items() if not is_expert_path(p)}
@@ -79,13 +85,15 @@ class Worker:
         self._upload_experts()
         self._set_epoch(msg)
         self.compiled, self.cache, self.cache_shape = {}, None, None
+        self.incarnation = int(msg["incarnation"])
         self.heartbeat = HeartbeatSender(msg["heartbeat_endpoint"], self.rank, incarnation=int(msg["incarnation"]),
                                          interval=float(msg["heartbeat_interval"]))
         self.heartbeat.start()
         if msg.get("controller_beacon"):
             from .detector import BeaconWatch
             self.beacon = BeaconWatch(msg["controller_beacon"], self._controller_lost,
-                                      interval=float(msg["heartbeat_interval"]), timeout=float(msg["controller_timeout"]))
+                                      interval=float(msg["heartbeat_interval"]),
+                                      timeout=float(self.self_fence_after or msg["controller_timeout"]))
             self.beacon.start()
         return {"address": self.transport.address.to_dict(), "pid": os.getpid(),
                 "exchange": "python" if self.native is None else "native"}
@@ -103,64 +111,23 @@ class Worker:
         self.active_dev = self.jnp.asarray(self.active)
         self.log2phy = self.jnp.asarray(self.np.asarray(msg["log2phy"], self.np.int32))
         self.peers = [r for r in range(self.num_ranks) if self.active[r] and r != self.rank]
+        self.python_exchange.peers = self.peers
 
     def _upload_experts(self):
         self.experts = self.slots.arrays(self.key_of, self.jnp.asarray)
 
     # -- the step -------------------------------------------------------------------------------
-    def _host_exchange(self, moe_layer: int, phase: int, step, *arrays):
-        """Phase 0: arrays = send rows [N, T, H], local slots [N, T, K], weights [N, T, K]; sends
-        row block d to rank d, returns the blocks received from every source. Phase 1: rows [N, T, H]
-        go back to the ranks they came from. Raises (abandoning the step) when a peer fails."""
-        np = self.np
-        arrays = [np.asarray(a) for a in arrays]
-        n, t = arrays[0].shape[:2]
-        seq = int(step) * (2 * len(self.moe_layer_ids)) + 2 * moe_layer + phase + 1
-        peers = self.peers
-        if phase == 0:
-            counts = (arrays[1] >= 0).any(-1).sum(-1)
-            self._sent = counts
-            outgoing = {d: [a[d, :counts[d]] for a in arrays] for d in peers}
-        else:
-            outgoing = {d: [arrays[0][d, :self._received[d]]] for d in peers}
-        result = self.transport.exchange(outgoing, seq, sources=peers, copy=True)
-        if not result.ok:
-            self.failure = result
-            raise RuntimeError(f"exchange {seq} failed: {result.failed}")
-        out = [np.zeros_like(a) for a in arrays]
-        if phase == 0:
-            out[1][:] = -1
-            self._received = np.zeros(n, np.int64)
-            self._received[self.rank] = self._sent[self.rank]
-        for i, a in enumerate(arrays):
-            out[i][self.rank] = a[self.rank]
-        for src in peers:
-            got = result.payloads[src]
-            c = got[0].shape[0]
-            if phase == 0:
-                self._received[src] = c
-            for i, g in enumerate(got):
-                out[i][src, :c] = g
-        return tuple(out)
-
     def _exchange_failure(self, step):
         """The failed exchange of `step` (ExchangeResult) that made it raise, or None."""
-        if self.failure is not None or self.native is None:
-            return self.failure
+        if self.python_exchange.failure is not None or self.native is None:
+            return self.python_exchange.failure
         return self.native.failure(since_seq=int(step) * 2 * len(self.moe_layer_ids) + 1)
 
     def _exchange_fn(self, step, active):
-        jax = self.jax
-        from functools import partial
         if self.native is not None:
             from .exchange_ffi import model_exchange
             return model_exchange(self.native, step, active, len(self.moe_layer_ids))
-
-        def exchange(arrays, moe_layer, phase):
-            shapes = tuple(jax.ShapeDtypeStruct(a.shape, a.dtype) for a in arrays)
-            return list(jax.experimental.io_callback(partial(self._host_exchange, moe_layer, phase), shapes,
-                                                     step, *arrays, ordered=True))
-        return exchange
+        return self.python_exchange.model_exchange(step)
 
     def _program(self, shape):
         """The compiled step of this StepShape (the controller asks for every shape ahead of the
@@ -169,8 +136,6 @@ class Worker:
         if shape in self.compiled:
             return self.compiled[shape]
         jax, jnp = self.jax, self.jnp
-        import jax.experimental  # noqa: F401,F811  (io_callback)
-
         from .spmd import abstract_model
         from .step import make_step, row_abstract
         graphdef, variables = abstract_model(self.cfg, self.spr, jnp.dtype(self.dtype))
@@ -222,12 +187,16 @@ class Worker:
         The cache is kept across epochs: a failure elsewhere does not touch this rank's requests."""
         jnp, np = self.jnp, self.np
         from .step import ROW_INPUTS, StepShape, input_rows
+        if int(msg["epoch"]) != self.epoch:     # a controller in another epoch: never counted in this one
+            self.stale_messages += 1
+            raise RuntimeError(f"step {msg['step']} of epoch {msg['epoch']} refused: rank {self.rank} is in "
+                               f"epoch {self.epoch}")
         shape = StepShape.from_list(msg["shape"])
         fn = self._program(shape)
         self._ensure_cache(shape)
         rows = [jnp.asarray(np.asarray(msg[name], np.dtype(ROW_INPUTS[name.removeprefix("decode_")][0])))
                 for name in input_rows(shape)]
-        self.failure = None
+        self.python_exchange.failure = None
         try:
             nxt, cache, counts = fn({**self.dense, **self.experts}, self.cache, *rows, self.log2phy,
                                     self.active_dev, jnp.int32(msg["step"]), jnp.int32(self.rank))
@@ -241,14 +210,22 @@ class Worker:
             # because an earlier one to that peer timed out and is still in flight (an orphan), nor
             # one held up by a handshake: on a loaded host those are lateness, and named live peers
             hard = {int(r) for r in res.direct if not any(m in str(res.failed.get(r, "")) for m in LATE)}
-            return {"ok": False, "failed_step": True, "direct": sorted(hard), "reason": str(e)[:300]}
+            return {"ok": False, "failed_step": True, "direct": sorted(hard), "reason": str(e)[:300],
+                    "epoch": self.epoch, "stale": self.stale_counts()}
         self.cache = cache
         return {"ok": True, "tokens": nxt.tolist(), "counts": np.asarray(counts).reshape(-1).tolist(),
-                "programs": len(self.compiled)}
+                "programs": len(self.compiled), "epoch": self.epoch, "stale": self.stale_counts()}
+
+    def stale_counts(self) -> dict:
+        """What fencing dropped on this rank: exchange signals of another epoch or from a rank not
+        live (both exchanges'), and steps refused for carrying another epoch."""
+        signals = self.transport.stale_signals + (self.native.stale_signals() if self.native is not None else 0)
+        return {"signals": signals, "messages": self.stale_messages}
 
     # -- epochs and weights -----------------------------------------------------------------------
-    def epoch(self, msg: dict):
-        """Installs a new epoch: peers, active mask, log2phy, and the expert slots to load."""
+    def install(self, msg: dict):
+        """Installs a new epoch: its number (tagged on every exchange seq from now on), peers, active
+        mask and log2phy; the expert slots to load follow (load, commit)."""
         from .peers import PeerAddress
         peers = {int(r): PeerAddress.from_dict(a) for r, a in msg["peers"].items()}
         try:
@@ -256,6 +233,10 @@ class Worker:
         finally:    # the peers that could be reached are installed either way
             if self.native is not None:
                 self.native.install()
+        self.epoch = int(msg["epoch"])
+        self.transport.set_epoch(self.epoch)
+        if self.native is not None:
+            self.native.set_epoch(self.epoch)
         self._set_epoch(msg)
         return {}
 
@@ -286,7 +267,7 @@ class Worker:
     def run(self, idle_timeout: float):
         from .control import ControlTimeout, message
         self.client.notify(message("hello", rank=self.rank, pid=os.getpid()))
-        handlers = {"init": self.init, "compile": self.compile, "step": self.step, "install": self.epoch,
+        handlers = {"init": self.init, "compile": self.compile, "step": self.step, "install": self.install,
                     "load": self.load, "commit": self.commit, "fault": self.set_fault}
         last = time.monotonic()
         while True:
@@ -298,6 +279,8 @@ class Worker:
                 continue
             last = time.monotonic()
             if msg["type"] == "shutdown":
+                if msg.get("incarnation", self.incarnation) != self.incarnation:
+                    continue        # meant for a fenced process of this rank, not this one
                 return 0
             if msg["type"] == "ping":
                 continue
@@ -345,6 +328,9 @@ def main(argv=None) -> int:
     ap.add_argument("--host", default="127.0.0.1", help="address Mooncake listens on")
     ap.add_argument("--idle-timeout", type=float, default=120.0,
                     help="exit after this many seconds without a word from the controller")
+    ap.add_argument("--self-fence-after", type=float, default=None,
+                    help="exit after this many seconds without the controller's beacon (default: the "
+                         "controller's setting, its heartbeat timeout for workers on other hosts)")
     ap.add_argument("--die-with-parent", action="store_true",
                     help="exit when the process that started this one exits (checked every 0.2 s)")
     args = ap.parse_args(argv)
@@ -354,7 +340,7 @@ def main(argv=None) -> int:
     os.environ.setdefault("MC_LOG_LEVEL", "ERROR")
     import logging
     logging.getLogger("jax._src.callback").setLevel(logging.CRITICAL)   # failures are reported, not logged
-    w = Worker(args.controller, args.rank, args.host)
+    w = Worker(args.controller, args.rank, args.host, self_fence_after=args.self_fence_after)
     code = 1
     try:
         code = w.run(args.idle_timeout)

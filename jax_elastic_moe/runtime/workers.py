@@ -53,6 +53,7 @@ class WorkerProcess:
         self.rank, self.proc = rank, proc
         self.pid: int | None = proc.pid if proc else None
         self.address: dict | None = None
+        self.exchange: str | None = None        # "native" (the C++ op) or "python", from its init reply
 
     def exited(self) -> bool:
         return self.proc is not None and self.proc.poll() is not None
@@ -65,7 +66,9 @@ class WorkerProcess:
         return None if state is None else state in ("T", "t")
 
     def signal(self, sig):
-        if self.pid is not None:
+        """Signals a local child only: a remote worker's pid (from its hello) names a process of
+        another host, and here perhaps an unrelated one."""
+        if self.proc is not None and self.pid is not None:
             try:
                 os.kill(self.pid, sig)
             except ProcessLookupError:
@@ -162,6 +165,10 @@ class Workers:
         self.heartbeat_interval = heartbeat_interval
         self.procs: dict[int, WorkerProcess] = {}
         self.injected_at: dict[int, float] = {}     # fault injection time per rank (detection timing)
+        self.incarnations: dict[int, int] = {}      # rank -> the incarnation of its current process
+        self.fenced: set[tuple] = set()             # (rank, incarnation) of every process fenced
+        self.told_to_exit = 0                       # fenced processes heard from again, and told to exit
+        self.stale_heartbeats = 0                   # heartbeats of fenced processes, dropped
         self.tmp = tempfile.mkdtemp(prefix="jem-workers-") if spawn else None
         self._ids = itertools.count(1)
         self._pinged = time.monotonic()
@@ -235,8 +242,8 @@ class Workers:
         init = {r: self.init_msg(r, fields(r)) for r in ranks}
         replies = self.command(ranks, lambda r: init[r], timeout=self.start_timeout, what="init")
         for r in ranks:
-            self.procs[r].address = replies[r]["address"]
-            self.monitor.watch(r, init[r]["incarnation"])
+            self.procs[r].address, self.procs[r].exchange = replies[r]["address"], replies[r].get("exchange")
+            self.watch(r, init[r]["incarnation"])
 
     def keepalive(self):
         """Every KEEPALIVE_S, a ping to every worker not known dead: a worker waiting for the others
@@ -302,8 +309,12 @@ class Workers:
                 break
         init = self.init_msg(rank, fields)
         reply = self.command([rank], lambda r: init, timeout=self.start_timeout, what="init")[rank]
-        self.procs[rank].address = reply["address"]
-        self.monitor.watch(rank, init["incarnation"])
+        self.procs[rank].address, self.procs[rank].exchange = reply["address"], reply.get("exchange")
+        self.watch(rank, init["incarnation"])
+
+    def watch(self, rank: int, incarnation: int):
+        self.incarnations[rank] = incarnation
+        self.monitor.watch(rank, incarnation)
 
     # -- ending -------------------------------------------------------------------------------------
     def fence(self, ranks):
@@ -314,6 +325,20 @@ class Workers:
         for w in fenced:
             w.kill()
             self.monitor.unwatch(w.rank)
+            if w.rank in self.incarnations:
+                self.fenced.add((w.rank, self.incarnations.pop(w.rank)))
+
+    def tell_fenced_to_exit(self):
+        """A fenced process that is heard from again (its heartbeats: a host cut off, then back, whose
+        workers did not exit on their own) is told to exit. The message names its incarnation, so a
+        new process of the same rank ignores it."""
+        for (rank, incarnation), beats in self.monitor.take_strangers().items():
+            if (rank, incarnation) in self.fenced:
+                self.stale_heartbeats += beats
+                log.warning("rank %d (incarnation %d) was fenced but is heard from again: telling it to exit",
+                            rank, incarnation)
+                self.send(rank, message("shutdown", incarnation=incarnation))
+                self.told_to_exit += 1
 
     def close(self):
         for w in self.procs.values():

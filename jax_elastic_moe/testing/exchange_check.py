@@ -79,6 +79,20 @@ def install_native(t) -> dict:
     return t._jem_native.peers()
 
 
+def set_epoch(t, epoch: int) -> bool:
+    """This rank's epoch, for both exchanges (the op's context where there is one)."""
+    t.set_epoch(epoch)
+    if getattr(t, "_jem_native", None) is not None:
+        t._jem_native.set_epoch(epoch)
+    return True
+
+
+def stale_signals(t) -> dict:
+    """Signals this rank dropped as stale: {"python": the Transport's, "native": the op's}."""
+    native = getattr(t, "_jem_native", None)
+    return {"python": t.stale_signals, "native": native.stale_signals() if native is not None else 0}
+
+
 def native_state(t) -> dict:
     return {"orphans": t._jem_native.reclaim(), "peers": t._jem_native.peers()}
 

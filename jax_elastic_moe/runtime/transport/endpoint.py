@@ -104,6 +104,8 @@ class Transport(Weights, Liveness, Transfers, Connections):
         signal_words = self.layout.probes_offset // 8
         self._signals = self._recv[:self.layout.probes_offset].view(np.uint64)[:signal_words].reshape(
             num_ranks, buffers_per_source, 8)[:, :, 0]
+        self.epoch, self.stale_signals = 0, 0    # fencing: see Liveness.set_epoch
+        self._seen = np.zeros_like(self._signals)
         self._address = PeerAddress(
             rank=self.rank, host=host, rpc_port=int(self._te.get_rpc_port()),
             recv_base=int(self._recv.ctypes.data), recv_nbytes=int(self._recv.nbytes),

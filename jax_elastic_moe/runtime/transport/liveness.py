@@ -8,7 +8,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from ..layout import PayloadError, check_seq, unpack_payload
+from ..layout import EPOCH_SHIFT, PayloadError, check_seq, unpack_payload, with_epoch
 from ..peers import ExchangeResult
 from .common import (_COMPLETED, _PENDING, _POLL_MIN_S, _PROBE_AFTER_S, _PROBE_EVERY_S, _TIMED_OUT, SendHandle,
                      _Orphan, _Peer)
@@ -16,6 +16,24 @@ from .common import (_COMPLETED, _PENDING, _POLL_MIN_S, _PROBE_AFTER_S, _PROBE_E
 
 class Liveness:
     """The receive part of `Transport`: `recv`, `exchange` and the wait both run."""
+
+    def set_epoch(self, epoch: int):
+        """The epoch `exchange` tags every seq with (layout.with_epoch) and accepts from now on: a
+        signal of another epoch, or from a rank not among the exchange's sources, is dropped and
+        counted in `stale_signals` (a rank fenced out of an epoch is never counted in a later one)."""
+        with_epoch(1, epoch)            # checks the range
+        self.epoch = int(epoch)
+
+    def _scan_stale(self, live: set):
+        """Counts the signal words written since the last scan by a rank not in `live` or in another
+        epoch than this rank's."""
+        changed = self._signals != self._seen
+        changed[self.rank] = False
+        for source, buffer in zip(*np.nonzero(changed)):
+            value = int(self._signals[source, buffer])
+            self._seen[source, buffer] = value
+            if int(source) not in live or value >> EPOCH_SHIFT != self.epoch:
+                self.stale_signals += 1
 
     def _progress(self, handles: Sequence[SendHandle], sources: Sequence[int], seq: int | None,
                   deadline: float, copy: bool, fail_fast: bool) -> ExchangeResult:
@@ -125,7 +143,8 @@ class Liveness:
                  sources: Sequence[int] | None = None, timeout: float | None = None,
                  copy: bool = False, fail_fast: bool = True) -> ExchangeResult:
         """Send `outgoing[dest]` to every dest and receive from `sources` (default: the dests), for
-        `seq`, within `timeout` seconds (default exchange_timeout).
+        `seq`, within `timeout` seconds (default exchange_timeout). After set_epoch(e) with e > 0 the
+        seq on the wire is with_epoch(seq, e), and only that is accepted.
 
         With fail_fast (default) it returns as soon as any peer is known to have failed: the step is
         abandoned, its unfinished transfers are orphaned (a later send to such a peer fails until they
@@ -136,5 +155,11 @@ class Liveness:
             raise ValueError(f"timeout must be > 0 seconds, got {timeout!r}")
         deadline = time.monotonic() + (self.exchange_timeout if timeout is None else timeout)
         sources = sorted(outgoing) if sources is None else [self._check_rank(s, "source") for s in sources]
+        if self.epoch:
+            seq = with_epoch(seq, self.epoch)
+        self._scan_stale(set(sources))
         handles = [self.send(dest, arrays, seq) for dest, arrays in sorted(outgoing.items())]
-        return self._progress(handles, sources, seq, deadline, copy, fail_fast)
+        try:
+            return self._progress(handles, sources, seq, deadline, copy, fail_fast)
+        finally:
+            self._scan_stale(set(sources))
