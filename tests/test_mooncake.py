@@ -241,3 +241,17 @@ def test_python_exchange_fallback_serves_through_a_kill(reference, monkeypatch):
             assert run(eng) == reference
             assert last_recovery(eng)["failed_ranks"] == [2] and eng.stats()["alive_ranks"] == [0, 1]
             assert eng.stats()["stale"]["messages"] == 0 and eng.stats()["stale"]["replies"] == 0
+
+
+def test_a_command_of_another_epoch_is_refused_and_counted(engine, reference):
+    """A weight commit sent in an epoch the worker is not in (a controller's stale message) is refused
+    before it acts, counted, and serving goes on with the same tokens."""
+    from jax_elastic_moe.runtime.control import message
+    eng, _ = engine
+    rt = eng._runtime
+    before = eng.stats()["stale"]["messages"]
+    with pytest.raises(RuntimeError, match=f"commit of epoch {rt.epoch - 1} refused: rank 0 is in epoch {rt.epoch}"):
+        rt.fleet.command([0], lambda r: message("commit", id=rt.fleet.next_id(), epoch=rt.epoch - 1), timeout=60,
+                         what="commit")
+    assert run(eng) == reference
+    assert eng.stats()["stale"]["messages"] == before + 1       # reported with rank 0's next step

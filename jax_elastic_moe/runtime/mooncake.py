@@ -280,10 +280,11 @@ class MooncakeRuntime:
             for _, _, src in items:
                 stats[src["kind"]] += 1
         if any(plan.values()):
-            self.fleet.command(self.live, lambda r: message("load", id=self.fleet.next_id(), loads=plan.get(r, [])),
-                          timeout=120, what="load expert weights")
-            self.fleet.command(self.live, lambda r: message("commit", id=self.fleet.next_id()), timeout=60,
-                          what="commit expert weights")
+            self.fleet.command(self.live, lambda r: message("load", id=self.fleet.next_id(), epoch=self.epoch,
+                                                            loads=plan.get(r, [])),
+                               timeout=120, what="load expert weights")
+            self.fleet.command(self.live, lambda r: message("commit", id=self.fleet.next_id(), epoch=self.epoch),
+                               timeout=60, what="commit expert weights")
         self.placement = placement
         return stats
 

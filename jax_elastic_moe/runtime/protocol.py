@@ -9,13 +9,14 @@ COMMANDS = {
              "active", "exchange_timeout", "heartbeat_endpoint", "heartbeat_interval", "incarnation"),
     "compile": ("id", "shapes"),
     # a step's per-row inputs (runtime/step.py input_rows); a prefill step adds decode_<name> ones.
-    # "epoch": the epoch the controller sends it in; a worker in another epoch refuses it, and a
-    # step's reply carries the worker's epoch, which the controller checks the same way
+    # "epoch" (step, install, load, commit): the epoch the controller sends it in; a worker in another
+    # epoch refuses a step, load or commit, and a step's reply carries the worker's epoch, which the
+    # controller checks the same way
     "step": ("id", "epoch", "shape", "step", "tokens", "positions", "valid", "slot", "last", "seeds", "sample_ids",
              "temperature", "top_p"),
     "install": ("id", "epoch", "peers", "active", "log2phy"),
-    "load": ("id", "loads"),
-    "commit": ("id",),
+    "load": ("id", "epoch", "loads"),
+    "commit": ("id", "epoch"),
     "fault": ("id", "how"),
 }
 # controller -> worker, no reply: "the controller is alive" (a worker exits after its idle timeout

@@ -187,10 +187,7 @@ class Worker:
         The cache is kept across epochs: a failure elsewhere does not touch this rank's requests."""
         jnp, np = self.jnp, self.np
         from .step import ROW_INPUTS, StepShape, input_rows
-        if int(msg["epoch"]) != self.epoch:     # a controller in another epoch: never counted in this one
-            self.stale_messages += 1
-            raise RuntimeError(f"step {msg['step']} of epoch {msg['epoch']} refused: rank {self.rank} is in "
-                               f"epoch {self.epoch}")
+        self._check_epoch(msg)
         shape = StepShape.from_list(msg["shape"])
         fn = self._program(shape)
         self._ensure_cache(shape)
@@ -240,13 +237,23 @@ class Worker:
         self._set_epoch(msg)
         return {}
 
+    def _check_epoch(self, msg: dict):
+        """A command that acts in an epoch (step, load, commit) is refused, and counted, when it was
+        sent in another one than this rank's: a rank is never counted in an epoch it is not in."""
+        if int(msg["epoch"]) != self.epoch:
+            self.stale_messages += 1
+            raise RuntimeError(f"{msg['type']} of epoch {msg['epoch']} refused: rank {self.rank} is in epoch "
+                               f"{self.epoch}")
+
     def load(self, msg: dict):
         """Phase 1 of a weight move: fetch every slot to load into staging (peer slots by Mooncake
         read, backup blobs from the message). Nothing in the weights region changes yet."""
+        self._check_epoch(msg)
         return {"loaded": self.slots.load(msg["loads"])}
 
     def commit(self, msg: dict):
         """Phase 2: staging -> weights region (after every rank finished its reads), then upload."""
+        self._check_epoch(msg)
         self.slots.commit()
         self._upload_experts()
         return {}
