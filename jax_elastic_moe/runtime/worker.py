@@ -86,7 +86,7 @@ class Worker:
         self._set_epoch(msg)
         self.compiled, self.cache, self.cache_shape = {}, None, None
         self.incarnation = int(msg["incarnation"])
-        self.heartbeat = HeartbeatSender(msg["heartbeat_endpoint"], self.rank, incarnation=int(msg["incarnation"]),
+        self.heartbeat = HeartbeatSender(msg["heartbeat_endpoint"], self.rank, incarnation=self.incarnation,
                                          interval=float(msg["heartbeat_interval"]))
         self.heartbeat.start()
         if msg.get("controller_beacon"):

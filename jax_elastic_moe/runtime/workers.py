@@ -210,11 +210,13 @@ class Workers:
                        controller_timeout=self.controller_timeout, incarnation=new_incarnation(),
                        compilation_cache_dir=os.path.join(self.tmp, "xla") if self.tmp else None)
 
-    def start(self, ranks: list[int], fields: Callable[[int], dict]):
-        """Starts (or waits for external `jem worker`s of) `ranks` and sends each its init; a spawned
-        process that exits before its hello is started again, SPAWN_ATTEMPTS times in all."""
+    def start(self, ranks: list[int], fields: Callable[[int], dict], spawn: bool | None = None):
+        """Starts (`spawn`, default the fleet's) or waits for external `jem worker`s of `ranks`, and
+        sends each its init; a spawned process that exits before its hello is started again,
+        SPAWN_ATTEMPTS times in all."""
+        spawn = self.spawn if spawn is None else spawn
         for r in ranks:
-            self.procs[r] = self._spawn(r) if self.spawn else WorkerProcess(r, None)
+            self.procs[r] = self._spawn(r) if spawn else WorkerProcess(r, None)
         waiting, deadline = set(ranks), time.monotonic() + self.start_timeout
         tries = {r: 1 for r in ranks}
         while waiting:
@@ -296,21 +298,8 @@ class Workers:
         return failure
 
     def restart(self, rank: int, fields: dict):
-        """Starts a fresh process for `rank` and sends it its init."""
-        self.procs[rank] = self._spawn(rank)
-        deadline = time.monotonic() + self.start_timeout
-        while True:
-            try:
-                inc = self.server.recv(max(0.0, deadline - time.monotonic()))
-            except ControlTimeout:
-                raise TimeoutError(f"timed out waiting for rank {rank} to start") from None
-            if inc.msg["type"] == "hello" and inc.msg["rank"] == rank:
-                self.procs[rank].pid = int(inc.msg["pid"])
-                break
-        init = self.init_msg(rank, fields)
-        reply = self.command([rank], lambda r: init, timeout=self.start_timeout, what="init")[rank]
-        self.procs[rank].address, self.procs[rank].exchange = reply["address"], reply.get("exchange")
-        self.watch(rank, init["incarnation"])
+        """Starts a fresh local process for `rank` and sends it its init (as `start` does)."""
+        self.start([rank], lambda r: fields, spawn=True)
 
     def watch(self, rank: int, incarnation: int):
         self.incarnations[rank] = incarnation

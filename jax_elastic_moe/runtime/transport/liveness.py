@@ -157,9 +157,10 @@ class Liveness:
         sources = sorted(outgoing) if sources is None else [self._check_rank(s, "source") for s in sources]
         if self.epoch:
             seq = with_epoch(seq, self.epoch)
-        self._scan_stale(set(sources))
+        live = set(sources)
+        self._scan_stale(live)
         handles = [self.send(dest, arrays, seq) for dest, arrays in sorted(outgoing.items())]
         try:
             return self._progress(handles, sources, seq, deadline, copy, fail_fast)
         finally:
-            self._scan_stale(set(sources))
+            self._scan_stale(live)
