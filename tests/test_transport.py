@@ -312,6 +312,38 @@ def test_hung_peer_in_flight_write_is_abandoned_then_reclaimed():
         assert theirs[2]["digests"][0] == payload_digest(make_payload(0, 2, 5, 8, cluster.row_bytes))
 
 
+def test_a_probe_left_in_flight_blocks_no_later_send():
+    """Rank 0 waits for rank 1 while rank 1 is stopped: its liveness probe is still in flight at the
+    deadline and stays an orphan, and rank 1 stays open (silence is weak evidence). A probe writes
+    only its own word, so data to rank 1 is still sent (at 32 ranks on 2 cores, a probe that outlived
+    one exchange used to fail every later send to a live peer). Once rank 1 runs again, the next
+    exchange is exact and the probe's batch is freed."""
+    with LoopbackCluster(2, ranks=[1], lifetime_s=60) as cluster, \
+            Transport(0, 2, **cluster.transport_kwargs) as local:
+        cluster.addresses[0] = local.address
+        local.set_peers(cluster.table())
+        assert cluster.call(1, "set_peers", table=cluster.table(), timeout=5) is None
+        cluster.signal(1, signal.SIGSTOP)
+        start = time.monotonic()
+        silent = local.recv([1], seq=1, deadline=start + 0.3)
+        assert silent.silent == {1} and silent.direct == set(), silent.failed
+        assert local.orphan_count == 1 and local.peer_state(1)[0] == "open"    # the probe, pending
+        handle = local.send(1, make_payload(0, 1, 2, 8, cluster.row_bytes), seq=2)
+        assert handle.state != "failed", handle.reason
+        os.kill(cluster.procs[1].pid, signal.SIGCONT)
+        cluster.submit(1, "exchange", seq=2, rows=8, dests=[0, 1], timeout=5.0, digests=True)
+        mine = local.recv([1], seq=2, deadline=time.monotonic() + 5.0, copy=True)
+        sent = local.wait_sends([handle], deadline=time.monotonic() + 5.0)
+        theirs = cluster.collect(1, 10)
+        assert mine.ok and sent.ok and not theirs["failed"], (mine.failed, sent.failed, theirs)
+        assert payload_digest(mine.payloads[1]) == payload_digest(make_payload(1, 0, 2, 8, cluster.row_bytes))
+        assert theirs["digests"][0] == payload_digest(make_payload(0, 1, 2, 8, cluster.row_bytes))
+        deadline = time.monotonic() + 3
+        while local.reclaim() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert local.orphan_count == 0
+
+
 def test_drop_and_delay_injection():
     with LoopbackCluster(3, lifetime_s=60) as cluster:
         assert cluster.install_peers() == {0: None, 1: None, 2: None}

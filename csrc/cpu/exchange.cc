@@ -230,8 +230,8 @@ ffi::Error Exchange(Context* ctx, const int32_t* counts, const int32_t* live, in
       fail(ctx->blocked_rank, "failed", "Mooncake is blocked by a handshake with rank " + std::to_string(ctx->blocked_rank));
     } else if (!peer.open) {
       fail(d, "failed", peer.reason);
-    } else if (!peer.orphans.empty()) {
-      fail(d, "failed", "an abandoned " + peer.orphans[0].what + " transfer to rank " + std::to_string(d) +
+    } else if (const Orphan* o = peer.Blocking()) {
+      fail(d, "failed", "an abandoned " + o->what + " transfer to rank " + std::to_string(d) +
                             " is still in flight (peer hung or overloaded)");
     } else {
       char* staging = ctx->Staging(d);
@@ -289,11 +289,18 @@ ffi::Error Exchange(Context* ctx, const int32_t* counts, const int32_t* live, in
       waiting.erase(waiting.begin() + static_cast<long>(i));
     }
     const auto now = Clock::now();
+    // Probes an earlier exchange left in flight resolve here too: a failed one is direct evidence.
+    if (now >= next_probe) ctx->PollOrphans();
     // Liveness probes of silent sources: a dead rank's write fails within milliseconds.
     for (size_t i = 0; i < waiting.size();) {
       const int64_t src = waiting[i];
       Peer& peer = ctx->peers[static_cast<size_t>(src)];
       BatchID& probe = probes[static_cast<size_t>(src)];
+      if (!peer.open && probe == 0) {
+        fail(src, "failed", peer.reason);
+        waiting.erase(waiting.begin() + static_cast<long>(i));
+        continue;
+      }
       if (probe != 0) {
         const Poll p = ctx->Check(probe);
         if (p == Poll::kCompleted) probe = 0;
@@ -306,6 +313,7 @@ ffi::Error Exchange(Context* ctx, const int32_t* counts, const int32_t* live, in
           continue;
         }
       } else if (now >= next_probe && peer.open && peer.orphans.empty() && !failed.count(src) && ctx->blocked_rank < 0) {
+        // (one probe in flight per peer, also across exchanges: one left by an earlier op is an orphan)
         char* word = ctx->Staging(src) + g.slot_bytes + kAlign;
         probe = ctx->SubmitWrite(peer, word, peer.recv_base + ctx->ProbeOffset(g.rank), sizeof(uint64_t));
         if (probe == 0) {

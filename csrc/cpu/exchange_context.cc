@@ -129,11 +129,11 @@ std::string SetPeer(int64_t id, int64_t rank, const std::string& segment, uint64
     return "";
   }
   const auto t0 = Clock::now();
-  while (!peer.orphans.empty() && NanosSince(t0) < drain_ns) {  // a re-admitted slow peer: its old writes first
+  while (peer.Blocking() && NanosSince(t0) < drain_ns) {  // a re-admitted slow peer: its old writes first
     std::this_thread::sleep_for(std::chrono::microseconds(200));
     ctx->PollOrphans();
   }
-  if (!peer.orphans.empty()) {
+  if (peer.Blocking()) {
     peer.reason = "transfers to " + segment + " abandoned earlier are still in flight";
     return "";
   }

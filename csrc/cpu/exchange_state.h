@@ -45,7 +45,15 @@ struct Peer {
   uint64_t recv_base = 0;
   Transport::SegmentHandle handle = 0;
   std::string reason = "not in the installed peer table";
-  std::vector<Orphan> orphans;  // each keeps this peer's staging block busy until resolved
+  std::vector<Orphan> orphans;  // polled until resolved; all but probes keep the staging block busy
+
+  // The first orphan that blocks new data to this peer: a data or signal write (it may still read
+  // the staging block, or land after newer data). A probe writes its own word and blocks nothing.
+  const Orphan* Blocking() const {
+    for (const Orphan& o : orphans)
+      if (o.what != "probe") return &o;
+    return nullptr;
+  }
 
   void Fail(const std::string& why) {
     if (open) reason = why;

@@ -69,6 +69,12 @@ class _Peer:
         self.inflight: SendHandle | None = None
         self.orphans: list[_Orphan] = []
 
+    def blocking(self) -> _Orphan | None:
+        """The first orphan that blocks new data to this peer: a data or signal write (it may still
+        read the staging block, or land after newer data). A probe writes its own word: it blocks
+        nothing."""
+        return next((o for o in self.orphans if o.what != "probe"), None)
+
     def fail(self, reason: str):
         if self.state != "failed":
             self.state, self.reason = "failed", reason

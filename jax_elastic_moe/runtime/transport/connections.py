@@ -81,10 +81,12 @@ class Connections:
                 new_peers[rank] = old
                 continue
             known = self._segment_tokens.get(address.segment)
-            if old is not None and old.address == address and old.orphans:
+            if old is not None and old.address == address and old.blocking():
                 self._drain_orphans(old, deadline)  # a re-admitted slow peer: its old writes first
-            reuse = old is not None and not old.orphans and known in (None, address.token)
+            reuse = old is not None and not old.blocking() and known in (None, address.token)
             peer = _Peer(address, old.staging if reuse else self._new_staging())
+            if reuse:
+                peer.orphans = old.orphans      # probes only: still polled, so their ids are freed
             if old is not None and not reuse:
                 self._retired.append(old)
             new_peers[rank] = peer
@@ -93,7 +95,7 @@ class Connections:
                 peer.fail(f"segment {address.segment} was used by an earlier incarnation of a rank; "
                           "Mooncake keeps its cached descriptor, so restart the rank on a new rpc port")
                 failed[rank] = peer.reason
-            elif old is not None and old.orphans:
+            elif old is not None and old.blocking():
                 peer.fail(f"transfers to {address.segment} abandoned earlier are still in flight")
                 failed[rank] = peer.reason
             else:

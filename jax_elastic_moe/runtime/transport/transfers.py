@@ -61,8 +61,8 @@ class Transfers:
                                "wait_sends (or exchange) before sending to it again")
         if peer.state != "open":
             return handle.fail(peer.reason)
-        if peer.orphans:
-            return handle.fail(f"an abandoned {peer.orphans[0].what} transfer to rank {dest} "
+        if (orphan := peer.blocking()) is not None:
+            return handle.fail(f"an abandoned {orphan.what} transfer to rank {dest} "
                                "is still in flight (peer hung or overloaded)")
         used = pack_payload(peer.staging, self.layout, seq, arrays)
         remote = peer.address.recv_base + self.layout.slot_offset(self.rank, seq)
@@ -135,7 +135,7 @@ class Transfers:
 
     def _drain_orphans(self, peer: _Peer, deadline: float):
         delay = _POLL_MIN_S
-        while peer.orphans and time.monotonic() < deadline:
+        while peer.blocking() and time.monotonic() < deadline:
             self._poll_orphans()
             delay = self._nap(delay)
 
