@@ -29,31 +29,35 @@ def main():
     ap.add_argument("--json")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    t0, events, peak, stop, holder = time.time(), [], {}, threading.Event(), {}
+    t0, events, peak, stop = time.time(), [], {}, threading.Event()
 
     def log(what, **kw):
         events.append({"t_s": round(time.time() - t0, 1), "load": os.getloadavg()[0], "what": what, **kw})
         print(json.dumps(events[-1]), flush=True)
 
+    def children() -> list[int]:
+        """This process's children: the workers (whatever the engine's internals)."""
+        me, out = str(os.getpid()), []
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    if f.read().rsplit(")", 1)[1].split()[1] == me:
+                        out.append(int(pid))
+            except (OSError, IndexError):
+                pass
+        return out
+
     def sample_rss():
         while not stop.is_set():
-            rt = holder.get("rt")
-            for r, w in list(getattr(rt, "workers", {}).items()):
+            for pid in children():
                 try:
-                    with open(f"/proc/{w.pid}/status") as f:
+                    with open(f"/proc/{pid}/status") as f:
                         kb = int(next(x for x in f if x.startswith("VmRSS")).split()[1])
-                    peak[r] = max(peak.get(r, 0), kb)
-                except (OSError, StopIteration, TypeError):
+                    peak[pid] = max(peak.get(pid, 0), kb)
+                except (OSError, StopIteration):
                     pass
             time.sleep(1)
     threading.Thread(target=sample_rss, daemon=True).start()
-    import jax_elastic_moe.runtime.mooncake as mc
-    start = mc.MooncakeRuntime._start
-
-    def remember(self, ranks, spawn):
-        holder["rt"] = self
-        return start(self, ranks, spawn)
-    mc.MooncakeRuntime._start = remember
     record = run_start_record()
     log("building engine")
     eng = None
