@@ -87,8 +87,11 @@ class ServingLoop:
                 self.transient_retries += 1
                 self.runtime.set_placement(self.controller.active, self.controller.placement)
                 if retries > 5:
+                    waited = getattr(self.runtime, "exchange_timeout", self.exchange_timeout)
+                    scaled = (f"; {waited:g} s per exchange with more workers than cores"
+                              if waited != self.exchange_timeout else "")
                     raise RuntimeError(f"steps keep timing out with every rank alive ({f.reason}); "
-                                       f"raise exchange_timeout (now {self.exchange_timeout} s)") from f
+                                       f"raise exchange_timeout (set to {self.exchange_timeout:g} s{scaled})") from f
             step += 1
 
     def recover(self, failure: RankFailure):

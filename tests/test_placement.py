@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 
 from jax_elastic_moe import placement as pl
 from jax_elastic_moe.placement import Placement, PlacementError, movement, rebalance, validate
+from jax_elastic_moe.placement.packing import balanced_packing, replicate_experts
 from jax_elastic_moe.placement.planner import zipf_loads
 
 PROPERTY = settings(max_examples=200, deadline=None, derandomize=True)
@@ -324,3 +325,38 @@ def test_validate_names_the_first_broken_invariant(broken, alive, message):
 def test_movement_rejects_placements_of_different_shapes():
     with pytest.raises(PlacementError, match="placements differ in shape"):
         movement(Placement.from_phy2log([[0, 1]], 2, 2), Placement.from_phy2log([[0, 1, 0, 1]], 2, 2))
+
+
+def _replicate_one_at_a_time(loads, num_replicas, max_count):
+    """Reference for replicate_experts: each further replica to the expert with the most load per
+    replica (ties: fewest replicas, then lowest id), one at a time."""
+    logcnt = np.ones(loads.shape, np.int64)
+    for _ in range(min(num_replicas, loads.shape[1] * max_count) - loads.shape[1]):
+        for layer in range(loads.shape[0]):
+            best = max((e for e in range(loads.shape[1]) if logcnt[layer, e] < max_count),
+                       key=lambda e: (loads[layer, e] / logcnt[layer, e], -logcnt[layer, e], -e))
+            logcnt[layer, best] += 1
+    return logcnt
+
+
+@PROPERTY
+@given(kind=st.sampled_from(["zeros", "uniform", "zipf", "random", "one_hot", "integers"]),
+       num_layers=st.integers(1, 3), num_logical=st.integers(1, 12), max_count=st.integers(1, 6),
+       spare=st.integers(0, 40), seed=st.integers(0, 2**16))
+def test_replicate_experts_matches_handing_out_replicas_one_at_a_time(kind, num_layers, num_logical, max_count,
+                                                                      spare, seed):
+    loads = make_loads(kind, num_layers, num_logical, seed)
+    got = replicate_experts(loads, num_logical + spare, max_count)
+    assert got.tolist() == _replicate_one_at_a_time(loads, num_logical + spare, max_count).tolist()
+
+
+def test_balanced_packing_takes_strided_inputs_as_their_contiguous_copies():
+    """initial_load / initial_holds may be views (a transposed array, a slice): the packing must read
+    and update them as values, the same as for contiguous copies."""
+    rng = np.random.default_rng(3)
+    weight, keys = rng.random((3, 12)), rng.integers(-1, 5, (3, 12))
+    load_t, holds_t = rng.random((4, 3)).T, rng.random((4, 5, 3)).transpose(2, 0, 1) < 0.2
+    strided = balanced_packing(weight, keys, 5, [3, 3, 3, 3], initial_load=load_t, initial_holds=holds_t)
+    dense = balanced_packing(weight, keys, 5, [3, 3, 3, 3], initial_load=np.ascontiguousarray(load_t),
+                             initial_holds=np.ascontiguousarray(holds_t))
+    assert strided.tolist() == dense.tolist()

@@ -172,11 +172,16 @@ def _fresh_node(loads, experts, ranks, slots_per_rank, num_logical, max_replicas
         return _to_ranks(grid_expert, ranks, num_logical, held_before)
     grid_expert, grid_weight = _pack_counts(node_loads, experts, eplb_counts, len(ranks), slots_per_rank, num_logical)
     spread = even_counts(node_loads, slots, cap)
-    if (spread != eplb_counts).any():
-        other_expert, other_weight = _pack_counts(node_loads, experts, spread, len(ranks), slots_per_rank,
-                                                  num_logical)
-        better = other_weight.sum(axis=2).max(axis=1) < grid_weight.sum(axis=2).max(axis=1)
-        grid_expert[better] = other_expert[better]
+    # even counts are tried only where EPLB's packing stayed above the swaps' target (within
+    # REFINE_TOLERANCE of the mean, the lower bound): elsewhere they could gain less than that
+    top = grid_weight.sum(axis=2).max(axis=1)
+    retry = np.nonzero((top > grid_weight.sum(axis=(1, 2)) / len(ranks) * (1.0 + REFINE_TOLERANCE))
+                       & (spread != eplb_counts).any(axis=1))[0]
+    if len(retry):
+        other_expert, other_weight = _pack_counts(node_loads[retry], experts[retry], spread[retry], len(ranks),
+                                                  slots_per_rank, num_logical)
+        better = other_weight.sum(axis=2).max(axis=1) < top[retry]
+        grid_expert[retry[better]] = other_expert[better]
     return _to_ranks(grid_expert, ranks, num_logical, held_before)
 
 
@@ -209,6 +214,15 @@ def fresh_plan(loads, num_ranks: int, slots_per_rank: int, alive, num_nodes: int
                           num_ranks, slots_per_rank, num_logical, previous)
 
 
+def node_replica_total(num_experts: int, num_ranks_here: int, slots_per_rank: int, max_replicas) -> int:
+    """What every row of node_replica_counts sums to, without computing it."""
+    if _identical_ranks(num_experts, num_ranks_here, slots_per_rank, max_replicas):
+        per_rank_cap = slots_per_rank if max_replicas is None else int(max_replicas) // num_ranks_here
+        return min(slots_per_rank, num_experts * per_rank_cap) * num_ranks_here
+    cap = _replica_cap(num_experts, num_ranks_here, slots_per_rank, max_replicas)
+    return min(num_ranks_here * slots_per_rank, num_experts * cap)
+
+
 def _stay_node(loads, experts, ranks, slots_per_rank, num_logical, max_replicas, previous, target_max,
                fresh_counts):
     """A node's plan that keeps what its alive ranks [a] held in `previous` [L, N * S] as far as the
@@ -217,12 +231,16 @@ def _stay_node(loads, experts, ranks, slots_per_rank, num_logical, max_replicas,
     num_layers, num_experts = experts.shape
     rows = np.arange(num_layers)[:, None]
     node_loads = np.take_along_axis(loads, experts, axis=1)
-    own = node_replica_counts(node_loads, len(ranks), slots_per_rank, max_replicas)
     fresh = np.take_along_axis(fresh_counts, experts, axis=1)
-    fits = ((fresh.sum(axis=1) == own.sum(axis=1)) & (fresh >= 1).all(axis=1)
-            & (fresh.max(axis=1) <= max(own.max(initial=1), len(ranks))))
+    fits = ((fresh.sum(axis=1) == node_replica_total(num_experts, len(ranks), slots_per_rank, max_replicas))
+            & (fresh >= 1).all(axis=1))
     target = np.zeros((num_layers, num_logical + 1), np.int64)     # column E: empty slots, no target
-    target[rows, experts] = np.where(fits[:, None], fresh, own)
+    if (fits & (fresh.max(axis=1) <= len(ranks))).all():           # the common case: no own counts needed
+        target[rows, experts] = fresh
+    else:
+        own = node_replica_counts(node_loads, len(ranks), slots_per_rank, max_replicas)
+        fits &= fresh.max(axis=1) <= max(own.max(initial=1), len(ranks))
+        target[rows, experts] = np.where(fits[:, None], fresh, own)
     per_replica = np.where(target > 0, np.append(loads, np.zeros((num_layers, 1)), axis=1) / np.maximum(target, 1), 0.0)
     slots = (ranks[:, None] * slots_per_rank + np.arange(slots_per_rank)).ravel()
     grid = np.asarray(previous)[:, slots].reshape(num_layers, len(ranks), slots_per_rank).astype(np.int64)

@@ -20,20 +20,28 @@ def replicate_experts(loads, num_replicas: int, max_count: int) -> np.ndarray:
     loads: [L, E] non-negative. Every expert gets one replica; each further replica goes to the
     expert with the largest load per replica (ties: the one with fewest replicas, then the lowest
     id, so that equal or zero loads spread evenly), never past `max_count` replicas.
-    Returns logcnt [L, E] int64 whose rows sum to min(num_replicas, E * max_count)."""
+    Returns logcnt [L, E] int64 whose rows sum to min(num_replicas, E * max_count).
+
+    Computed in closed form rather than one replica at a time: giving expert e its (c+1)-th replica
+    has priority loads[e] / c, which never rises with c, so the greedy order is the order of all
+    (priority desc, c, e) candidates, and the K = total - E replicas it hands out are the first K of
+    them: those above the K-th priority, plus the first of the ties at it in (c, e) order."""
     loads = np.asarray(loads, dtype=np.float64)
     num_layers, num_logical = loads.shape
     if num_replicas < num_logical:
         raise PlacementError(f"{num_replicas} replicas cannot hold {num_logical} logical experts")
     total = min(int(num_replicas), num_logical * int(max_count))
+    extra = total - num_logical
     logcnt = np.ones((num_layers, num_logical), np.int64)
-    rows = np.arange(num_layers)
-    for _ in range(total - num_logical):
-        per_replica = np.where(logcnt < max_count, loads / logcnt, -np.inf)
-        tied = per_replica == per_replica.max(axis=1, keepdims=True)
-        pick = np.where(tied, logcnt, _MOST).argmin(axis=1)
-        logcnt[rows, pick] += 1
-    return logcnt
+    if extra == 0:
+        return logcnt
+    depth = min(int(max_count) - 1, extra)                        # candidate c = 1 .. depth
+    priority = (loads[:, None, :] / np.arange(1, depth + 1)[None, :, None]).reshape(num_layers, -1)
+    kth = -np.partition(-priority, extra - 1, axis=1)[:, extra - 1:extra]      # [L, 1]
+    above = priority > kth
+    tied = priority == kth
+    take = above | (tied & (np.cumsum(tied, axis=1) <= extra - above.sum(axis=1, keepdims=True)))
+    return logcnt + take.reshape(num_layers, depth, num_logical).sum(axis=1)
 
 
 def balanced_packing(weight, item_key, num_keys: int, pack_sizes, pack_shares=None, preferred=None,
@@ -71,35 +79,44 @@ def balanced_packing(weight, item_key, num_keys: int, pack_sizes, pack_shares=No
     sorted_key = np.where(sorted_key >= 0, sorted_key, num_keys)      # column num_keys: unconstrained
     sorted_present = np.take_along_axis(present, order, axis=1)
     rows = np.arange(num_layers)
-    pack_load = np.zeros((num_layers, num_packs)) if initial_load is None else np.array(initial_load, float)
+    pack_load = np.zeros((num_layers, num_packs)) if initial_load is None else np.array(initial_load, float, order="C")
     pack_count = np.zeros((num_layers, num_packs), np.int64)
-    holds = np.zeros((num_layers, num_packs, num_keys + 1), bool)
+    holds = np.zeros((num_layers, num_keys + 1, num_packs), bool)     # [L, key, P]: a row per key
     if initial_holds is not None:
-        holds[:, :, :num_keys] = initial_holds
+        holds[:, :num_keys, :] = np.swapaxes(initial_holds, 1, 2)
     if preferred is not None:
-        preferred = np.concatenate([np.asarray(preferred, bool),
-                                    np.zeros((num_layers, num_packs, 1), bool)], axis=2)
+        preferred = np.concatenate([np.swapaxes(np.asarray(preferred, bool), 1, 2),
+                                    np.zeros((num_layers, 1, num_packs), bool)], axis=1)
     fair_limit = (1.0 + tolerance) * (pack_load.sum(axis=1) + np.where(present, weight, 0).sum(axis=1))
+    sorted_weight = np.where(sorted_present, sorted_weight, 0.0)
+    constrained = sorted_key < num_keys
     pack_of_sorted = np.full((num_layers, num_items), -1, np.int64)
+    # flat views: one gather / scatter per step instead of two-array fancy indexing
+    holds_rows = holds.reshape(num_layers * (num_keys + 1), num_packs)
+    preferred_rows = None if preferred is None else preferred.reshape(holds_rows.shape)
+    load_flat, count_flat, holds_flat = pack_load.reshape(-1), pack_count.reshape(-1), holds.reshape(-1)
+    key_rows = rows[:, None] * (num_keys + 1) + sorted_key          # [L, M]: each item's row of holds
+    pack_base = rows * num_packs
     for j in range(num_items):
-        key, w, active = sorted_key[:, j], sorted_weight[:, j], sorted_present[:, j]
+        key_row, w, active = key_rows[:, j], sorted_weight[:, j], sorted_present[:, j]
         if not active.any():
             break
         room = pack_count < pack_sizes
-        apart = room & ~holds[rows, :, key]
+        apart = room & ~holds_rows[key_row]
         candidate = np.where(apart.any(axis=1, keepdims=True), apart, room)
-        level = np.where(candidate, (pack_load + np.where(active, w, 0.0)[:, None]) / shares, np.inf)
+        level = np.where(candidate, (pack_load + w[:, None]) / shares, np.inf)
         best_level = level.min(axis=1)
         choice = np.where(level == best_level[:, None], pack_count, _MOST).argmin(axis=1)
         if preferred is not None:
-            preferred_level = np.where(candidate & preferred[rows, :, key], level, np.inf)
+            preferred_level = np.where(candidate & preferred_rows[key_row], level, np.inf)
             stay = preferred_level.argmin(axis=1)
             accept = preferred_level[rows, stay] <= np.maximum(fair_limit, best_level)
             choice = np.where(accept, stay, choice)
         pack_of_sorted[:, j] = np.where(active, choice, -1)
-        pack_load[rows, choice] += np.where(active, w, 0.0)
-        pack_count[rows, choice] += active
-        holds[rows, choice, key] |= active & (key < num_keys)
+        at = pack_base + choice
+        load_flat[at] += w
+        count_flat[at] += active
+        holds_flat[key_row * num_packs + choice] |= active & constrained[:, j]
     pack_of_item = np.empty_like(pack_of_sorted)
     np.put_along_axis(pack_of_item, order, pack_of_sorted, axis=1)
     _separate_replicas(pack_of_item, weight, item_key, num_keys, shares, initial_load, initial_holds)
@@ -189,8 +206,8 @@ def refine_by_swaps(grid_expert, grid_weight, target_max=None, move_cost=None, m
         # a swap may not add replicas of one expert sharing a pack: count those it adds and removes
         # (empty slots, -1, count as nothing)
         same_hg = (h_expert[:, None, :, None] == g_expert[:, :, None, :]) & (h_expert >= 0)[:, None, :, None]
-        g_has_i = same_hg.sum(axis=3) >= 1                                        # [A, K, Si]
-        h_has_j = same_hg.sum(axis=2) >= 1                                        # [A, K, Sj]
+        g_has_i = same_hg.any(axis=3)                                             # [A, K, Si]
+        h_has_j = same_hg.any(axis=2)                                             # [A, K, Sj]
         h_dup_i = ((h_expert[:, :, None] == h_expert[:, None, :]).sum(axis=2) >= 2) & (h_expert >= 0)   # [A, Si]
         g_dup_j = ((g_expert[:, :, :, None] == g_expert[:, :, None, :]).sum(axis=3) >= 2) & (g_expert >= 0)
         added = g_has_i[:, :, :, None].astype(np.int8) + h_has_j[:, :, None, :]
