@@ -259,14 +259,14 @@ def _stay_node(loads, experts, ranks, slots_per_rank, num_logical, max_replicas,
     expert_i = grid[layer_i, rank_i, slot_i]
     order = np.lexsort((-rank_load[layer_i, rank_i], expert_i, layer_i))
     nth = _occurrence(layer_i[order] * (num_logical + 1) + expert_i[order])
-    held = np.zeros_like(target)
-    np.add.at(held, (layer_i, expert_i), 1)
+    width_e = num_logical + 1
+    held = np.bincount(layer_i * width_e + expert_i, minlength=num_layers * width_e).reshape(num_layers, width_e)
     surplus = np.maximum(held - target, 0)
     leave = nth < surplus[layer_i[order], expert_i[order]]
     grid[layer_i[order][leave], rank_i[order][leave], slot_i[order][leave]] = num_logical
     # missing replicas into the free slots, heaviest first onto the least loaded rank
-    held[:] = 0
-    np.add.at(held, (rows, grid.reshape(num_layers, -1)), 1)
+    held = np.bincount((rows * width_e + grid.reshape(num_layers, -1)).ravel(),
+                       minlength=num_layers * width_e).reshape(num_layers, width_e)
     missing = np.maximum(target - held, 0)[:, :num_logical]
     free = (grid == num_logical).sum(axis=2)                                  # [L, a]
     width = int(free.sum(axis=1).max(initial=0))

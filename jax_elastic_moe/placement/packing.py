@@ -200,27 +200,32 @@ def refine_by_swaps(grid_expert, grid_weight, target_max=None, move_cost=None, m
         h_expert, h_weight = grid_expert[rows_a, heavy[active]], grid_weight[rows_a, heavy[active]]  # [A, S]
         g_expert = grid_expert[rows_a[:, None], partner]                                             # [A, K, S]
         g_weight = grid_weight[rows_a[:, None], partner]
+        top = heavy_load[active, None, None, None]
         delta = h_weight[:, None, :, None] - g_weight[:, :, None, :]                                 # [A, K, Si, Sj]
-        pair_max = np.maximum(heavy_load[active, None, None, None] - delta,
-                              np.take_along_axis(load[active], partner, axis=1)[:, :, None, None] + delta)
+        pair_max = top - delta                        # (in place below: these arrays are the round's cost)
+        np.maximum(pair_max, np.take_along_axis(load[active], partner, axis=1)[:, :, None, None] + delta,
+                   out=pair_max)
         # a swap may not add replicas of one expert sharing a pack: count those it adds and removes
         # (empty slots, -1, count as nothing)
-        same_hg = (h_expert[:, None, :, None] == g_expert[:, :, None, :]) & (h_expert >= 0)[:, None, :, None]
-        g_has_i = same_hg.any(axis=3)                                             # [A, K, Si]
-        h_has_j = same_hg.any(axis=2)                                             # [A, K, Sj]
+        h_named = np.where(h_expert >= 0, h_expert, -2)             # an empty slot (-1) matches nothing
+        same_hg = h_named[:, None, :, None] == g_expert[:, :, None, :]
         h_dup_i = ((h_expert[:, :, None] == h_expert[:, None, :]).sum(axis=2) >= 2) & (h_expert >= 0)   # [A, Si]
         g_dup_j = ((g_expert[:, :, :, None] == g_expert[:, :, None, :]).sum(axis=3) >= 2) & (g_expert >= 0)
-        added = g_has_i[:, :, :, None].astype(np.int8) + h_has_j[:, :, None, :]
-        removed = h_dup_i[:, None, :, None].astype(np.int8) + g_dup_j[:, :, None, :]
-        allowed = ((delta > 0) & (added <= removed) & (partner != heavy[active, None])[:, :, None, None])
-        helps = allowed & (pair_max < heavy_load[active, None, None, None] * (1 - 1e-12))
-        score = pair_max / heavy_load[active, None, None, None]                 # in (0, 1) where it helps
+        # added <= removed, split by slot: (g has i) - (i duplicated on h) + (h has j) - (j duplicated on g)
+        net_i = same_hg.any(axis=3).astype(np.int8) - h_dup_i[:, None, :]                  # [A, K, Si]
+        net_j = same_hg.any(axis=2).astype(np.int8) - g_dup_j                                # [A, K, Sj]
+        # pair_max below heavy_load implies delta > 0 (heavy_load > 0 wherever a swap can help)
+        barred = net_i[:, :, :, None] + net_j[:, :, None, :] > 0                   # the swaps that do not help
+        barred |= (partner == heavy[active, None])[:, :, None, None]
+        barred |= pair_max >= top * (1 - 1e-12)
+        score = pair_max / top                                                  # in (0, 1) where it helps
         if move_cost is not None and target_max is not None:
             cost = (move_cost[rows_a, heavy[active]][:, None, :, None]
                     + move_cost[rows_a[:, None], partner][:, :, None, :])
-            enough = pair_max <= target_max[active, None, None, None]
-            score = np.where(enough, cost + score, 2.0 + cost.max(initial=0) + score)
-        gain = np.where(helps, score, np.inf).reshape(len(rows_a), -1)
+            # cost + score where the pair reaches the target, else after every swap that does
+            score += np.where(pair_max <= target_max[active, None, None, None], cost, 2.0 + cost.max(initial=0))
+        np.copyto(score, np.inf, where=barred)
+        gain = score.reshape(len(rows_a), -1)
         best = gain.argmin(axis=1)
         ok = np.isfinite(gain[np.arange(len(rows_a)), best])
         if not ok.any():
