@@ -15,6 +15,7 @@ import time
 
 import jax_elastic_moe as jem
 from jax_elastic_moe.bench.common import run_start_record, synthetic_prompts
+from jax_elastic_moe.runtime.processes import stat_fields
 
 
 def main():
@@ -37,15 +38,9 @@ def main():
 
     def children() -> list[int]:
         """This process's children: the workers (whatever the engine's internals)."""
-        me, out = str(os.getpid()), []
-        for pid in filter(str.isdigit, os.listdir("/proc")):
-            try:
-                with open(f"/proc/{pid}/stat") as f:
-                    if f.read().rsplit(")", 1)[1].split()[1] == me:
-                        out.append(int(pid))
-            except (OSError, IndexError):
-                pass
-        return out
+        me = str(os.getpid())
+        return [int(pid) for pid in filter(str.isdigit, os.listdir("/proc"))
+                if (stat_fields(f"/proc/{pid}/stat") or [None, None])[1] == me]
 
     def sample_rss():
         while not stop.is_set():

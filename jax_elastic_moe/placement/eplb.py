@@ -111,16 +111,29 @@ def _identical_ranks(num_experts: int, num_ranks_here: int, slots_per_rank: int,
         max_replicas is None or (int(max_replicas) // num_ranks_here) * num_experts >= slots_per_rank)
 
 
+def _replica_budget(num_experts: int, num_ranks_here: int, slots_per_rank: int, max_replicas):
+    """(per rank, replicas, cap) of node_replica_counts: EPLB hands out `replicas` (each expert at most
+    `cap`) over the node's slots, or, when every rank can hold every expert, over one rank's slots,
+    copied on every rank (per_rank)."""
+    if _identical_ranks(num_experts, num_ranks_here, slots_per_rank, max_replicas):
+        cap = slots_per_rank if max_replicas is None else int(max_replicas) // num_ranks_here
+        return True, slots_per_rank, cap
+    return False, num_ranks_here * slots_per_rank, _replica_cap(num_experts, num_ranks_here, slots_per_rank,
+                                                                max_replicas)
+
+
 def node_replica_counts(node_loads, num_ranks_here: int, slots_per_rank: int, max_replicas) -> np.ndarray:
     """node_loads [L, m] -> logcnt [L, m]: EPLB's replica counts for one node's slots. When each
     rank can hold every expert (m <= S), a rank's share is replicated on every rank instead, so
     counts are multiples of the node's ranks."""
-    num_experts = node_loads.shape[1]
-    if _identical_ranks(num_experts, num_ranks_here, slots_per_rank, max_replicas):
-        per_rank_cap = slots_per_rank if max_replicas is None else int(max_replicas) // num_ranks_here
-        return replicate_experts(node_loads, slots_per_rank, per_rank_cap) * num_ranks_here
-    cap = _replica_cap(num_experts, num_ranks_here, slots_per_rank, max_replicas)
-    return replicate_experts(node_loads, num_ranks_here * slots_per_rank, cap)
+    per_rank, replicas, cap = _replica_budget(node_loads.shape[1], num_ranks_here, slots_per_rank, max_replicas)
+    return replicate_experts(node_loads, replicas, cap) * (num_ranks_here if per_rank else 1)
+
+
+def node_replica_total(num_experts: int, num_ranks_here: int, slots_per_rank: int, max_replicas) -> int:
+    """What every row of node_replica_counts sums to, without computing it."""
+    per_rank, replicas, cap = _replica_budget(num_experts, num_ranks_here, slots_per_rank, max_replicas)
+    return min(replicas, num_experts * cap) * (num_ranks_here if per_rank else 1)
 
 
 def even_counts(loads, num_replicas: int, max_count: int) -> np.ndarray:
@@ -174,8 +187,9 @@ def _fresh_node(loads, experts, ranks, slots_per_rank, num_logical, max_replicas
     spread = even_counts(node_loads, slots, cap)
     # even counts are tried only where EPLB's packing stayed above the swaps' target (within
     # REFINE_TOLERANCE of the mean, the lower bound): elsewhere they could gain less than that
-    top = grid_weight.sum(axis=2).max(axis=1)
-    retry = np.nonzero((top > grid_weight.sum(axis=(1, 2)) / len(ranks) * (1.0 + REFINE_TOLERANCE))
+    rank_load = grid_weight.sum(axis=2)
+    top = rank_load.max(axis=1)
+    retry = np.nonzero((top > rank_load.sum(axis=1) / len(ranks) * (1.0 + REFINE_TOLERANCE))
                        & (spread != eplb_counts).any(axis=1))[0]
     if len(retry):
         other_expert, other_weight = _pack_counts(node_loads[retry], experts[retry], spread[retry], len(ranks),
@@ -212,15 +226,6 @@ def fresh_plan(loads, num_ranks: int, slots_per_rank: int, alive, num_nodes: int
     return place_in_slots(np.concatenate([r for r, _ in parts], axis=1),
                           np.concatenate([e for _, e in parts], axis=1),
                           num_ranks, slots_per_rank, num_logical, previous)
-
-
-def node_replica_total(num_experts: int, num_ranks_here: int, slots_per_rank: int, max_replicas) -> int:
-    """What every row of node_replica_counts sums to, without computing it."""
-    if _identical_ranks(num_experts, num_ranks_here, slots_per_rank, max_replicas):
-        per_rank_cap = slots_per_rank if max_replicas is None else int(max_replicas) // num_ranks_here
-        return min(slots_per_rank, num_experts * per_rank_cap) * num_ranks_here
-    cap = _replica_cap(num_experts, num_ranks_here, slots_per_rank, max_replicas)
-    return min(num_ranks_here * slots_per_rank, num_experts * cap)
 
 
 def _stay_node(loads, experts, ranks, slots_per_rank, num_logical, max_replicas, previous, target_max,
