@@ -8,7 +8,8 @@ from hypothesis import strategies as st
 
 from jax_elastic_moe import placement as pl
 from jax_elastic_moe.placement import Placement, PlacementError, movement, rebalance, validate
-from jax_elastic_moe.placement.packing import balanced_packing, replicate_experts
+from jax_elastic_moe.placement import packing
+from jax_elastic_moe.placement.packing import balanced_packing, refine_by_swaps, replicate_experts
 from jax_elastic_moe.placement.planner import zipf_loads
 
 PROPERTY = settings(max_examples=200, deadline=None, derandomize=True)
@@ -346,8 +347,9 @@ def _replicate_one_at_a_time(loads, num_replicas, max_count):
 def test_replicate_experts_matches_handing_out_replicas_one_at_a_time(kind, num_layers, num_logical, max_count,
                                                                       spare, seed):
     loads = make_loads(kind, num_layers, num_logical, seed)
-    got = replicate_experts(loads, num_logical + spare, max_count)
-    assert got.tolist() == _replicate_one_at_a_time(loads, num_logical + spare, max_count).tolist()
+    expected = _replicate_one_at_a_time(loads, num_logical + spare, max_count).tolist()
+    for impl in ("numpy", "native") if packing.native_built() else ("numpy",):
+        assert replicate_experts(loads, num_logical + spare, max_count, impl=impl).tolist() == expected, impl
 
 
 def test_balanced_packing_takes_strided_inputs_as_their_contiguous_copies():
@@ -360,3 +362,80 @@ def test_balanced_packing_takes_strided_inputs_as_their_contiguous_copies():
     dense = balanced_packing(weight, keys, 5, [3, 3, 3, 3], initial_load=np.ascontiguousarray(load_t),
                              initial_holds=np.ascontiguousarray(holds_t))
     assert strided.tolist() == dense.tolist()
+
+
+# ----- the native loops (C++) against the numpy reference -----
+
+native = pytest.mark.skipif(not packing.native_built(), reason="the _placement extension is not built")
+
+
+@native
+@PROPERTY
+@given(num_layers=st.integers(1, 4), num_packs=st.integers(1, 9), per_pack=st.integers(1, 6),
+       num_keys=st.integers(1, 12), kind=st.sampled_from(["zeros", "uniform", "random", "integers"]),
+       with_preferred=st.booleans(), with_initial=st.booleans(), shares=st.booleans(), seed=st.integers(0, 2**16))
+def test_native_packing_gives_the_numpy_references_packs(num_layers, num_packs, per_pack, num_keys, kind,
+                                                          with_preferred, with_initial, shares, seed):
+    """Same items, keys (constrained and not), present items, initial loads and holds, preferred packs,
+    unequal shares: the C++ greedy loop packs exactly as the numpy loop does."""
+    rng = np.random.default_rng(seed)
+    items = num_packs * per_pack + int(rng.integers(0, 4))
+    weight = make_loads(kind, num_layers, items, seed)
+    keys = rng.integers(-1, num_keys, (num_layers, items))
+    present = np.zeros((num_layers, items), bool)
+    for layer in range(num_layers):
+        present[layer, rng.permutation(items)[:num_packs * per_pack]] = True
+    sizes = np.full(num_packs, per_pack)
+    kw = dict(present=present, pack_shares=rng.random(num_packs) + 0.5 if shares else None,
+              preferred=rng.random((num_layers, num_packs, num_keys)) < 0.3 if with_preferred else None,
+              tolerance=float(rng.random() * 0.1))
+    if with_initial:
+        kw.update(initial_load=rng.random((num_layers, num_packs)) * weight.max(initial=1.0),
+                  initial_holds=rng.random((num_layers, num_packs, num_keys)) < 0.2)
+    reference = balanced_packing(weight, keys, num_keys, sizes, impl="numpy", **kw)
+    assert balanced_packing(weight, keys, num_keys, sizes, impl="native", **kw).tolist() == reference.tolist()
+
+
+@native
+@PROPERTY
+@given(num_layers=st.integers(1, 4), num_packs=st.integers(2, 12), slots=st.integers(1, 6),
+       num_keys=st.integers(1, 20), kind=st.sampled_from(["zeros", "uniform", "random", "integers", "zipf"]),
+       target=st.sampled_from([None, "mean", "loose"]), with_cost=st.booleans(), seed=st.integers(0, 2**16))
+def test_native_swaps_give_the_numpy_references_grids(num_layers, num_packs, slots, num_keys, kind, target,
+                                                      with_cost, seed):
+    """Random grids with empty slots and duplicated experts, with and without a target and move costs:
+    the C++ swap rounds make the same swaps, in the same places, as the numpy rounds."""
+    rng = np.random.default_rng(seed)
+    expert = np.where(rng.random((num_layers, num_packs, slots)) < 0.15, -1,
+                      rng.integers(0, num_keys, (num_layers, num_packs, slots)))
+    weight = np.where(expert >= 0, make_loads(kind, num_layers, num_packs * slots, seed).reshape(expert.shape), 0.0)
+    load = weight.sum(axis=2)
+    target_max = {None: None, "mean": load.mean(axis=1) * 1.001, "loose": load.max(axis=1) * 0.97}[target]
+    cost = rng.integers(0, 2, expert.shape).astype(float) if with_cost else None
+    grids = {}
+    for impl in ("numpy", "native"):
+        e, w, c = expert.copy(), weight.copy(), None if cost is None else cost.copy()
+        swaps = refine_by_swaps(e, w, target_max, c, impl=impl)
+        grids[impl] = (e.tolist(), w.tolist(), None if c is None else c.tolist(), swaps.tolist())
+    assert grids["native"] == grids["numpy"]
+
+
+@native
+@pytest.mark.parametrize("failed", [0, 1, 3, 8])
+def test_native_and_numpy_decide_the_same_plan_at_32_ranks(failed, monkeypatch):
+    """The controller's decision (deepseek_global with previous=, over the survivors) on a 32-rank,
+    256 + 256-slot, 8-layer Zipf shape: one plan whichever loops run."""
+    loads = zipf_loads(8, 256, 1.2, seed=failed)
+    before = rebalance(loads, 32, 16, "deepseek_global")
+    alive = np.ones(32, bool)
+    alive[np.arange(failed) * 4 + 1] = False
+    plans = {}
+    for impl in ("numpy", "native"):
+        monkeypatch.setenv(packing.IMPL_ENV, impl)
+        plans[impl] = rebalance(loads, 32, 16, "deepseek_global", alive=alive, previous=before).phy2log
+    assert plans["native"].tolist() == plans["numpy"].tolist()
+
+
+def test_an_unknown_placement_impl_is_named():
+    with pytest.raises(PlacementError, match="'auto', 'native' or 'numpy'"):
+        refine_by_swaps(np.zeros((1, 2, 2), np.int64), np.ones((1, 2, 2)), impl="fortran")

@@ -3,18 +3,60 @@
 Plus a local search (`refine_by_swaps`) that swaps replicas between the most loaded rank and
 another to lower the maximum load. Shapes: L layers (one independent problem each), E logical
 experts, M items to pack, P packs (ranks or nodes), S slots per pack.
+
+The two loops (the greedy packing over items, the swap rounds) also exist in C++ (the `_placement`
+module, csrc/cpu/placement.cc), used when it is built: the same steps and the same floating-point
+operations in the same order, so both give the same plan (tests/test_placement.py compares them on
+random shapes). The numpy code here is the reference; `impl="numpy"`, or JEM_PLACEMENT_IMPL=numpy in
+the environment, runs it.
 """
 from __future__ import annotations
+
+import os
 
 import numpy as np
 
 from .core import PlacementError
 
+try:
+    from .. import _placement as _native
+except ImportError:         # a build without the extension: the numpy reference runs
+    _native = None
+
 _MOST = np.iinfo(np.int64).max
 _PARTNERS = 8        # refine_by_swaps tries the heaviest pack against this many of the lightest
+_UNREACHED = 4.0     # refine_by_swaps: added to the score of a swap that misses target_max (costs are <= 2)
+IMPL_ENV = "JEM_PLACEMENT_IMPL"
 
 
-def replicate_experts(loads, num_replicas: int, max_count: int) -> np.ndarray:
+def native_built() -> bool:
+    """Whether the C++ loops (the `_placement` extension) are importable here."""
+    return _native is not None
+
+
+def _native_for(impl: str) -> bool:
+    """impl: "auto" (C++ when built; JEM_PLACEMENT_IMPL overrides), "native" or "numpy"."""
+    if impl == "auto":
+        impl = os.environ.get(IMPL_ENV, "auto") or "auto"
+        if impl == "auto":
+            return _native is not None
+    if impl not in ("native", "numpy"):
+        raise PlacementError(f"placement impl must be 'auto', 'native' or 'numpy', got {impl!r}")
+    if impl == "native" and _native is None:
+        raise PlacementError("placement impl 'native' asked for, but the _placement extension is not built "
+                             "(reinstall the package with its C++ build, or use impl='numpy')")
+    return impl == "native"
+
+
+def _slot_sums(grid) -> np.ndarray:
+    """[..., S] -> [...]: sums left to right over the last axis (the order the C++ loop adds in)."""
+    total = grid[..., 0].copy()
+    for s in range(1, grid.shape[-1]):
+        total += grid[..., s]
+    return total
+
+
+def replicate_experts(loads, num_replicas: int, max_count: int, impl: str = "auto") -> np.ndarray:
     """How many replicas each logical expert gets.
 
     loads: [L, E] non-negative. Every expert gets one replica; each further replica goes to the
@@ -25,7 +67,8 @@ def replicate_experts(loads, num_replicas: int, max_count: int) -> np.ndarray:
     Computed in closed form rather than one replica at a time: giving expert e its (c+1)-th replica
     has priority loads[e] / c, which never rises with c, so the greedy order is the order of all
     (priority desc, c, e) candidates, and the K = total - E replicas it hands out are the first K of
-    them: those above the K-th priority, plus the first of the ties at it in (c, e) order."""
+    them: those above the K-th priority, plus the first of the ties at it in (c, e) order. The C++
+    loop (impl, module docstring) hands them out one at a time from a heap, in that same order."""
     loads = np.asarray(loads, dtype=np.float64)
     num_layers, num_logical = loads.shape
     if num_replicas < num_logical:
@@ -34,6 +77,9 @@ def replicate_experts(loads, num_replicas: int, max_count: int) -> np.ndarray:
     extra = total - num_logical
     logcnt = np.ones((num_layers, num_logical), np.int64)
     if extra == 0:
+        return logcnt
+    if _native_for(impl):
+        _native.replicate_experts(np.ascontiguousarray(loads), logcnt, extra, int(max_count))
         return logcnt
     depth = min(int(max_count) - 1, extra)                        # candidate c = 1 .. depth
     priority = (loads[:, None, :] / np.arange(1, depth + 1)[None, :, None]).reshape(num_layers, -1)
@@ -45,7 +91,8 @@ def replicate_experts(loads, num_replicas: int, max_count: int) -> np.ndarray:
 
 
 def balanced_packing(weight, item_key, num_keys: int, pack_sizes, pack_shares=None, preferred=None,
-                     tolerance: float = 0.0, present=None, initial_load=None, initial_holds=None):
+                     tolerance: float = 0.0, present=None, initial_load=None, initial_holds=None,
+                     impl: str = "auto"):
     """Packs weighted items into packs of fixed sizes so that the packs' loads are balanced.
 
     weight: [L, M] non-negative item weights (one packing per layer).
@@ -61,7 +108,7 @@ def balanced_packing(weight, item_key, num_keys: int, pack_sizes, pack_shares=No
         already in each pack (both default empty).
     Items go heaviest first, each to the pack whose load per share is lowest after taking it (ties:
     the pack with fewest items); a final pass separates replicas that greedy had to put together.
-    Returns pack_of_item [L, M] int64."""
+    impl: "auto", "native" or "numpy" (module docstring). Returns pack_of_item [L, M] int64."""
     weight = np.asarray(weight, dtype=np.float64)
     num_layers, num_items = weight.shape
     item_key = np.broadcast_to(np.asarray(item_key, dtype=np.int64), weight.shape)
@@ -91,6 +138,12 @@ def balanced_packing(weight, item_key, num_keys: int, pack_sizes, pack_shares=No
     sorted_weight = np.where(sorted_present, sorted_weight, 0.0)
     constrained = sorted_key < num_keys
     pack_of_sorted = np.full((num_layers, num_items), -1, np.int64)
+    if _native_for(impl):
+        _native.pack_sorted(sorted_weight, sorted_key, np.ascontiguousarray(sorted_present),
+                            np.ascontiguousarray(pack_sizes), shares, fair_limit,
+                            None if preferred is None else np.ascontiguousarray(preferred), pack_load, holds,
+                            pack_of_sorted, num_keys)
+        return _unsort(pack_of_sorted, order, weight, item_key, num_keys, shares, initial_load, initial_holds)
     # flat views: one gather / scatter per step instead of two-array fancy indexing
     holds_rows = holds.reshape(num_layers * (num_keys + 1), num_packs)
     preferred_rows = None if preferred is None else preferred.reshape(holds_rows.shape)
@@ -117,6 +170,11 @@ def balanced_packing(weight, item_key, num_keys: int, pack_sizes, pack_shares=No
         load_flat[at] += w
         count_flat[at] += active
         holds_flat[key_row * num_packs + choice] |= active & constrained[:, j]
+    return _unsort(pack_of_sorted, order, weight, item_key, num_keys, shares, initial_load, initial_holds)
+
+
+def _unsort(pack_of_sorted, order, weight, item_key, num_keys, shares, initial_load, initial_holds):
+    """The packs of the sorted items back in item order, after the pass that separates replicas."""
     pack_of_item = np.empty_like(pack_of_sorted)
     np.put_along_axis(pack_of_item, order, pack_of_sorted, axis=1)
     _separate_replicas(pack_of_item, weight, item_key, num_keys, shares, initial_load, initial_holds)
@@ -168,7 +226,8 @@ def _separate_replicas(pack_of_item, weight, item_key, num_keys, shares, initial
         pack_of_item[layer, packed] = packs
 
 
-def refine_by_swaps(grid_expert, grid_weight, target_max=None, move_cost=None, max_rounds: int = 64) -> np.ndarray:
+def refine_by_swaps(grid_expert, grid_weight, target_max=None, move_cost=None, max_rounds: int = 64,
+                    impl: str = "auto") -> np.ndarray:
     """Lowers the most loaded pack's load by swapping one of its items with an item (or empty slot)
     of one of the lightest packs, the swap that leaves the two packs' larger load lowest, as long
     as one helps.
@@ -180,13 +239,26 @@ def refine_by_swaps(grid_expert, grid_weight, target_max=None, move_cost=None, m
         that would otherwise stay, 0 for one being loaded anyway); swaps then reach target_max as
         cheaply as they can: of the swaps that bring the two packs to at most target_max, the
         cheapest; when none does, the one that lowers the pair's load most. Updated in place.
+    Ties go to the first candidate in (partner, heavy pack's slot, partner's slot) order, partners
+    taken lightest first (by load, then index). impl: "auto", "native" or "numpy" (module docstring).
     Returns [L] int64, the swaps made per layer (each moves at most two expert weights)."""
     num_layers, num_packs, _ = grid_expert.shape
+    if target_max is not None:
+        target_max = np.array(np.broadcast_to(np.asarray(target_max, np.float64), (num_layers,)))   # a copy
+    if _native_for(impl):
+        swaps = np.zeros(num_layers, np.int64)
+        arrays = [np.ascontiguousarray(grid_expert, np.int64), np.ascontiguousarray(grid_weight, np.float64),
+                  None if move_cost is None else np.ascontiguousarray(move_cost, np.float64)]
+        _native.refine_by_swaps(arrays[0], arrays[1], target_max, arrays[2], swaps, _PARTNERS, max_rounds)
+        for given, done in zip((grid_expert, grid_weight, move_cost), arrays):
+            if done is not None and done is not given:      # a copy was worked on: write it back
+                given[...] = done
+        return swaps
     rows = np.arange(num_layers)
     swaps = np.zeros(num_layers, np.int64)
     active = np.ones(num_layers, bool)
     for _ in range(max_rounds):
-        load = grid_weight.sum(axis=2)                                   # [L, P]
+        load = _slot_sums(grid_weight)                                   # [L, P]
         heavy = load.argmax(axis=1)
         heavy_load = load[rows, heavy]
         if target_max is not None:
@@ -194,8 +266,8 @@ def refine_by_swaps(grid_expert, grid_weight, target_max=None, move_cost=None, m
         if not active.any():
             break
         rows_a = rows[active]
-        # partners: the lightest packs (all of them when there are few)
-        partner = (np.argpartition(load[active], _PARTNERS - 1, axis=1)[:, :_PARTNERS]
+        # partners: the lightest packs, lightest first (all of them, in index order, when there are few)
+        partner = (np.argsort(load[active], axis=1, kind="stable")[:, :_PARTNERS]
                    if num_packs > _PARTNERS else np.broadcast_to(np.arange(num_packs), (len(rows_a), num_packs)))
         h_expert, h_weight = grid_expert[rows_a, heavy[active]], grid_weight[rows_a, heavy[active]]  # [A, S]
         g_expert = grid_expert[rows_a[:, None], partner]                                             # [A, K, S]
@@ -223,7 +295,7 @@ def refine_by_swaps(grid_expert, grid_weight, target_max=None, move_cost=None, m
             cost = (move_cost[rows_a, heavy[active]][:, None, :, None]
                     + move_cost[rows_a[:, None], partner][:, :, None, :])
             # cost + score where the pair reaches the target, else after every swap that does
-            score += np.where(pair_max <= target_max[active, None, None, None], cost, 2.0 + cost.max(initial=0))
+            score += np.where(pair_max <= target_max[active, None, None, None], cost, _UNREACHED)
         np.copyto(score, np.inf, where=barred)
         gain = score.reshape(len(rows_a), -1)
         best = gain.argmin(axis=1)

@@ -169,7 +169,28 @@ class Worker:
             shape = StepShape.from_list(sh)
             self._program(shape)
             self._ensure_cache(shape)   # its program compiles here too, not in the first step
+            self._first_run(shape)
         return {"compile_s": time.perf_counter() - t}
+
+    def _first_run(self, shape):
+        """Runs the program of `shape` once on padding rows, with only this rank live (no transfer, and
+        the cache it returns is dropped). XLA:CPU's first run of an executable costs many times its
+        later runs; paid here, not in the first step of that shape, which could be the one right
+        after a recovery, with every survivor paying it at once."""
+        np, jnp = self.np, self.jnp
+        from .step import input_rows, row_abstract
+        fill = {"positions": shape.cache_len, "slot": shape.slots, "top_p": 1.0}   # padding: writes dropped
+        rows = [jnp.asarray(np.full(a.shape, fill.get(name.removeprefix("decode_"), 0), a.dtype))
+                for name, a in zip(input_rows(shape), row_abstract(shape))]
+        alone = np.zeros(self.num_ranks, np.int32)
+        alone[self.rank] = 1
+        peers, self.python_exchange.peers = self.python_exchange.peers, []    # the Python exchange's mask
+        try:
+            nxt, _, _ = self._program(shape)({**self.dense, **self.experts}, self.cache, *rows, self.log2phy,
+                                             jnp.asarray(alone), jnp.int32(0), jnp.int32(self.rank))
+            np.asarray(nxt)
+        finally:
+            self.python_exchange.peers = peers
 
     def _ensure_cache(self, shape):
         if self.cache is None or self.cache_shape != (shape.slots, shape.cache_len):
@@ -194,6 +215,7 @@ class Worker:
         rows = [jnp.asarray(np.asarray(msg[name], np.dtype(ROW_INPUTS[name.removeprefix("decode_")][0])))
                 for name in input_rows(shape)]
         self.python_exchange.failure = None
+        started = time.perf_counter()
         try:
             nxt, cache, counts = fn({**self.dense, **self.experts}, self.cache, *rows, self.log2phy,
                                     self.active_dev, jnp.int32(msg["step"]), jnp.int32(self.rank))
@@ -211,7 +233,8 @@ class Worker:
                     "epoch": self.epoch, "stale": self.stale_counts()}
         self.cache = cache
         return {"ok": True, "tokens": nxt.tolist(), "counts": np.asarray(counts).reshape(-1).tolist(),
-                "programs": len(self.compiled), "epoch": self.epoch, "stale": self.stale_counts()}
+                "programs": len(self.compiled), "epoch": self.epoch, "stale": self.stale_counts(),
+                "step_s": time.perf_counter() - started}
 
     def stale_counts(self) -> dict:
         """What fencing dropped on this rank: exchange signals of another epoch or from a rank not
