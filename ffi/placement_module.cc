@@ -1,4 +1,4 @@
-// pybind11 module _placement: the native loops of the placement decision (csrc/placement.h) on numpy
+// pybind11 module jax_elastic_moe.placement._loops: the native loops of the placement decision (csrc/placement.h) on numpy
 // arrays. jax_elastic_moe/placement/packing.py calls it when it is built and falls back to its numpy
 // reference otherwise. Arrays must already have the right dtype and be C-contiguous (the Python side
 // makes them so): in/out arrays are never copied, so a mismatch is an error, not a silent copy.
@@ -34,7 +34,7 @@ T* Optional(py::object a, const char* name, py::ssize_t size, bool writable) {
 
 }  // namespace
 
-PYBIND11_MODULE(_placement, m) {
+PYBIND11_MODULE(_loops, m) {
   m.doc() = "native loops of jax-elastic-moe's placement decision (reference: placement/packing.py)";
   m.def(
       "replicate_experts",

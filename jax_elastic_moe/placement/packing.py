@@ -4,7 +4,7 @@ Plus a local search (`refine_by_swaps`) that swaps replicas between the most loa
 another to lower the maximum load. Shapes: L layers (one independent problem each), E logical
 experts, M items to pack, P packs (ranks or nodes), S slots per pack.
 
-The two loops (the greedy packing over items, the swap rounds) also exist in C++ (the `_placement`
+The two loops (the greedy packing over items, the swap rounds) also exist in C++ (the `_loops`
 module, csrc/cpu/placement.cc), used when it is built: the same steps and the same floating-point
 operations in the same order, so both give the same plan (tests/test_placement.py compares them on
 random shapes). The numpy code here is the reference; `impl="numpy"`, or JEM_PLACEMENT_IMPL=numpy in
@@ -19,7 +19,7 @@ import numpy as np
 from .core import PlacementError
 
 try:
-    from .. import _placement as _native
+    from . import _loops as _native
 except ImportError:         # a build without the extension: the numpy reference runs
     _native = None
 
@@ -30,7 +30,7 @@ IMPL_ENV = "JEM_PLACEMENT_IMPL"
 
 
 def native_built() -> bool:
-    """Whether the C++ loops (the `_placement` extension) are importable here."""
+    """Whether the C++ loops (the `_loops` extension) are importable here."""
     return _native is not None
 
 
@@ -43,7 +43,7 @@ def _native_for(impl: str) -> bool:
     if impl not in ("native", "numpy"):
         raise PlacementError(f"placement impl must be 'auto', 'native' or 'numpy', got {impl!r}")
     if impl == "native" and _native is None:
-        raise PlacementError("placement impl 'native' asked for, but the _placement extension is not built "
+        raise PlacementError("placement impl 'native' asked for, but the placement._loops extension is not built "
                              "(reinstall the package with its C++ build, or use impl='numpy')")
     return impl == "native"
 

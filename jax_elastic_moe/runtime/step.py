@@ -24,6 +24,7 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from ..model.moe import EPContext
@@ -76,6 +77,14 @@ def row_abstract(shape: StepShape, ranks: int = 1, sharding=None) -> list:
     """ShapeDtypeStructs of the step's per-row inputs over `ranks` ranks (rank-major)."""
     return [jax.ShapeDtypeStruct((ranks * rows, chunk) if chunked else (ranks * rows,), dtype, sharding=sharding)
             for _, rows, chunk in row_groups(shape) for dtype, chunked in ROW_INPUTS.values()]
+
+
+def padding_rows(shape: StepShape) -> list:
+    """A step's per-row inputs (numpy, input_rows order, one rank) with every row padding: cache writes
+    dropped (position cache_len, slot out of range), no token valid, so none is routed to an expert."""
+    fill = {"positions": shape.cache_len, "slot": shape.slots, "top_p": 1.0}
+    return [np.full(a.shape, fill.get(name.removeprefix("decode_"), 0), a.dtype)
+            for name, a in zip(input_rows(shape), row_abstract(shape))]
 
 
 def empty_cache(graphdef, variables, slots: int, cache_len: int):

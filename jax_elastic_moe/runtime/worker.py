@@ -21,6 +21,16 @@ from .expert_slots import ExpertSlots, region_bytes
 from .host_exchange import HostExchange
 
 
+def _empty_cache(cfg, slots_per_rank: int, dtype, shape):
+    """A rank's empty KV cache for the step shape `shape` (abstract under eval_shape)."""
+    import jax.numpy as jnp
+
+    from .spmd import abstract_model
+    from .step import empty_cache
+    graphdef, variables = abstract_model(cfg, slots_per_rank, jnp.dtype(dtype))
+    return empty_cache(graphdef, variables, shape.slots, shape.cache_len)
+
+
 # failure reasons that say a peer was late, not that it is gone (weak evidence)
 LATE = ("deadline", "timed out", "abandoned", "still in flight", "blocked by a handshake")
 
@@ -150,7 +160,7 @@ class Worker:
             return body(*args)
         sds = jax.ShapeDtypeStruct
         params = {k: sds(a.shape, a.dtype) for k, a in {**self.dense, **self.experts}.items()}
-        cache = jax.eval_shape(lambda: self._empty_cache(shape))
+        cache = jax.eval_shape(lambda: _empty_cache(self.cfg, self.spr, self.dtype, shape))
         compiled = jax.jit(program).lower(params, cache, *row_abstract(shape), sds(self.log2phy.shape, jnp.int32),
                                           sds(self.active_dev.shape, jnp.int32), sds((), jnp.int32),
                                           sds((), jnp.int32)).compile()
@@ -173,35 +183,22 @@ class Worker:
         return {"compile_s": time.perf_counter() - t}
 
     def _first_run(self, shape):
-        """Runs the program of `shape` once on padding rows, with only this rank live (no transfer, and
-        the cache it returns is dropped). XLA:CPU's first run of an executable costs many times its
-        later runs; paid here, not in the first step of that shape, which could be the one right
-        after a recovery, with every survivor paying it at once."""
-        np, jnp = self.np, self.jnp
-        from .step import input_rows, row_abstract
-        fill = {"positions": shape.cache_len, "slot": shape.slots, "top_p": 1.0}   # padding: writes dropped
-        rows = [jnp.asarray(np.full(a.shape, fill.get(name.removeprefix("decode_"), 0), a.dtype))
-                for name, a in zip(input_rows(shape), row_abstract(shape))]
-        alone = np.zeros(self.num_ranks, np.int32)
-        alone[self.rank] = 1
+        """Runs the step once on padding with only this rank live (no transfer, the cache dropped):
+        XLA:CPU's first run of a program is slow, and must not fall on a step after a recovery."""
+        from .step import padding_rows
+        jnp, alone = self.jnp, self.np.arange(self.num_ranks) == self.rank
         peers, self.python_exchange.peers = self.python_exchange.peers, []    # the Python exchange's mask
         try:
-            nxt, _, _ = self._program(shape)({**self.dense, **self.experts}, self.cache, *rows, self.log2phy,
-                                             jnp.asarray(alone), jnp.int32(0), jnp.int32(self.rank))
-            np.asarray(nxt)
+            self.np.asarray(self._program(shape)({**self.dense, **self.experts}, self.cache, *map(
+                jnp.asarray, padding_rows(shape)), self.log2phy, jnp.asarray(alone, jnp.int32), jnp.int32(0),
+                jnp.int32(self.rank))[0])
         finally:
             self.python_exchange.peers = peers
 
     def _ensure_cache(self, shape):
         if self.cache is None or self.cache_shape != (shape.slots, shape.cache_len):
-            self.cache = self.jax.jit(lambda: self._empty_cache(shape))()
+            self.cache = self.jax.jit(lambda: _empty_cache(self.cfg, self.spr, self.dtype, shape))()
             self.cache_shape = (shape.slots, shape.cache_len)
-
-    def _empty_cache(self, shape):
-        from .spmd import abstract_model
-        from .step import empty_cache
-        graphdef, variables = abstract_model(self.cfg, self.spr, self.jnp.dtype(self.dtype))
-        return empty_cache(graphdef, variables, shape.slots, shape.cache_len)
 
     def step(self, msg: dict):
         """Runs one step of this rank's rows on its KV-cache slots; returns its next tokens and counts.
