@@ -439,6 +439,13 @@ def test_native_and_numpy_decide_the_same_plan_at_32_ranks(failed, monkeypatch):
     assert plans["native"].tolist() == plans["numpy"].tolist()
 
 
+@pytest.mark.parametrize("impl", ["numpy", pytest.param("native", marks=native)])
+def test_swaps_on_grids_without_slots_or_packs_make_none(impl):
+    for shape in ((2, 3, 0), (2, 0, 4)):
+        swaps = refine_by_swaps(np.zeros(shape, np.int64), np.zeros(shape), np.ones(2), impl=impl)
+        assert swaps.tolist() == [0, 0]
+
+
 def test_an_unknown_placement_impl_is_named():
     with pytest.raises(PlacementError, match="'auto', 'native' or 'numpy'"):
         refine_by_swaps(np.zeros((1, 2, 2), np.int64), np.ones((1, 2, 2)), impl="fortran")

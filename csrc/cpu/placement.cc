@@ -106,6 +106,10 @@ void RefineBySwaps(int64_t layers, int64_t packs, int64_t slots, int64_t partner
                    int64_t* swaps) {
   const int64_t width = packs > partners ? partners : packs;
   const int64_t n = layers * packs * slots;
+  if (packs == 0 || slots == 0) {  // nothing to swap
+    std::fill(swaps, swaps + layers, 0);
+    return;
+  }
   const int64_t ids = n == 0 ? 1 : *std::max_element(expert, expert + n) + 1;  // expert ids: [0, ids)
   std::vector<int> h_count(ids > 0 ? ids : 1), g_count(ids > 0 ? ids : 1);    // replicas per id in a pack
   std::vector<double> load(packs);

@@ -242,7 +242,9 @@ def refine_by_swaps(grid_expert, grid_weight, target_max=None, move_cost=None, m
     Ties go to the first candidate in (partner, heavy pack's slot, partner's slot) order, partners
     taken lightest first (by load, then index). impl: "auto", "native" or "numpy" (module docstring).
     Returns [L] int64, the swaps made per layer (each moves at most two expert weights)."""
-    num_layers, num_packs, _ = grid_expert.shape
+    num_layers, num_packs, num_slots = grid_expert.shape
+    if num_packs == 0 or num_slots == 0:
+        return np.zeros(num_layers, np.int64)
     if target_max is not None:
         target_max = np.array(np.broadcast_to(np.asarray(target_max, np.float64), (num_layers,)))   # a copy
     if _native_for(impl):
