@@ -23,7 +23,7 @@ import time
 
 import numpy as np
 
-from .runtime.step import ROW_INPUTS, StepShape
+from .runtime.step import ROW_INPUTS, StepShape, padding_value
 from .settings import ADMISSION
 
 
@@ -160,12 +160,9 @@ class Scheduler:
     # -- steps ----------------------------------------------------------------------------------
     def _empty_rows(self, prefix: str, rows: int, chunk: int, slot_default) -> dict:
         n = len(self.live) * rows
-        out = {prefix + name: np.zeros((n, chunk) if chunked else (n,), np.dtype(dtype))
-               for name, (dtype, chunked) in ROW_INPUTS.items()}
-        out[prefix + "positions"][:] = self.cache_len           # padding: cache writes dropped
-        out[prefix + "slot"][:] = slot_default
-        out[prefix + "top_p"][:] = 1.0
-        return out
+        return {prefix + name: np.full((n, chunk) if chunked else (n,),
+                                       padding_value(name, self.cache_len, slot_default), np.dtype(dtype))
+                for name, (dtype, chunked) in ROW_INPUTS.items()}
 
     @staticmethod
     def _sampling(rows: dict, prefix: str, i: int, r: Request):

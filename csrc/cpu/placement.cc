@@ -34,7 +34,7 @@ void ReplicateExperts(int64_t layers, int64_t experts, int64_t extra, int64_t ma
     heap.clear();
     for (int64_t e = 0; e < experts; ++e) {
       count[e] = 1;
-      if (max_count > 1) heap.push_back({load[e] / 1.0, 1, e});
+      if (max_count > 1) heap.push_back({load[e], 1, e});
     }
     std::make_heap(heap.begin(), heap.end(), lower);
     for (int64_t given = 0; given < extra && !heap.empty(); ++given) {
@@ -106,12 +106,10 @@ void RefineBySwaps(int64_t layers, int64_t packs, int64_t slots, int64_t partner
                    int64_t* swaps) {
   const int64_t width = packs > partners ? partners : packs;
   const int64_t n = layers * packs * slots;
-  if (packs == 0 || slots == 0) {  // nothing to swap
-    std::fill(swaps, swaps + layers, 0);
-    return;
-  }
-  const int64_t ids = n == 0 ? 1 : *std::max_element(expert, expert + n) + 1;  // expert ids: [0, ids)
-  std::vector<int> h_count(ids > 0 ? ids : 1), g_count(ids > 0 ? ids : 1);    // replicas per id in a pack
+  std::fill(swaps, swaps + layers, 0);
+  if (n == 0) return;  // nothing to swap
+  const int64_t ids = std::max<int64_t>(1, *std::max_element(expert, expert + n) + 1);  // expert ids < ids
+  std::vector<int> h_count(ids), g_count(ids);  // replicas of each id in the heavy pack / a partner
   std::vector<double> load(packs);
   std::vector<int64_t> order(packs);
   std::vector<int> net_h(slots), net_g(slots);
@@ -120,7 +118,6 @@ void RefineBySwaps(int64_t layers, int64_t packs, int64_t slots, int64_t partner
     int64_t* ex = expert + l * packs * slots;
     double* wt = weight + l * packs * slots;
     double* mc = move_cost == nullptr ? nullptr : move_cost + l * packs * slots;
-    swaps[l] = 0;
     for (int64_t round = 0; round < max_rounds; ++round) {
       for (int64_t p = 0; p < packs; ++p) {  // left to right, as packing.py's _slot_sums
         double s = wt[p * slots];

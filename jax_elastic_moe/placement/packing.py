@@ -136,7 +136,6 @@ def balanced_packing(weight, item_key, num_keys: int, pack_sizes, pack_shares=No
                                     np.zeros((num_layers, 1, num_packs), bool)], axis=1)
     fair_limit = (1.0 + tolerance) * (pack_load.sum(axis=1) + np.where(present, weight, 0).sum(axis=1))
     sorted_weight = np.where(sorted_present, sorted_weight, 0.0)
-    constrained = sorted_key < num_keys
     pack_of_sorted = np.full((num_layers, num_items), -1, np.int64)
     if _native_for(impl):
         _native.pack_sorted(sorted_weight, sorted_key, np.ascontiguousarray(sorted_present),
@@ -144,6 +143,7 @@ def balanced_packing(weight, item_key, num_keys: int, pack_sizes, pack_shares=No
                             None if preferred is None else np.ascontiguousarray(preferred), pack_load, holds,
                             pack_of_sorted, num_keys)
         return _unsort(pack_of_sorted, order, weight, item_key, num_keys, shares, initial_load, initial_holds)
+    constrained = sorted_key < num_keys
     # flat views: one gather / scatter per step instead of two-array fancy indexing
     holds_rows = holds.reshape(num_layers * (num_keys + 1), num_packs)
     preferred_rows = None if preferred is None else preferred.reshape(holds_rows.shape)

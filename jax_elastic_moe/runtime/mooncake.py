@@ -30,6 +30,14 @@ from .workers import Liveness, Workers, save_weights
 log = logging.getLogger(__name__)
 
 
+def _log_step_times(step: int, seconds: float, replies: dict, live: list[int]):
+    """DEBUG: a step's wall time at the controller and the time it ran in each rank (its `step_s`); the
+    per-rank string is built only when it is logged."""
+    if log.isEnabledFor(logging.DEBUG):
+        log.debug("step %d: %.3f s; in each rank %s", step, seconds,
+                  " ".join(f"{r}:{replies[r].get('step_s', 0):.3f}" for r in live))
+
+
 class MooncakeRuntime:
     """The Runtime of worker processes for `num_ranks` ranks; `placement` is global (dead ranks' slots
     empty)."""
@@ -210,8 +218,7 @@ class MooncakeRuntime:
             out[i * b:(i + 1) * b] = replies[r]["tokens"]
             counts += np.asarray(replies[r]["counts"], np.int64).reshape(counts.shape)
             self.programs[r] = int(replies[r]["programs"])
-        log.debug("step %d: %.3f s; in each rank %s", self._step_seq, time.monotonic() - self._step_started,
-                  " ".join(f"{r}:{replies[r].get('step_s', 0):.3f}" for r in self.live))
+        _log_step_times(self._step_seq, time.monotonic() - self._step_started, replies, self.live)
         return out, counts
 
     # -- epochs ---------------------------------------------------------------------------------------

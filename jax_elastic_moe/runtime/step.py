@@ -79,11 +79,16 @@ def row_abstract(shape: StepShape, ranks: int = 1, sharding=None) -> list:
             for _, rows, chunk in row_groups(shape) for dtype, chunked in ROW_INPUTS.values()]
 
 
+def padding_value(name: str, cache_len: int, slot: int):
+    """What a padding row holds in the ROW_INPUTS input `name`: position cache_len (its cache writes
+    dropped), `slot`, top_p 1, and 0 elsewhere (no token valid, so none is routed to an expert)."""
+    return {"positions": cache_len, "slot": slot, "top_p": 1.0}.get(name, 0)
+
+
 def padding_rows(shape: StepShape) -> list:
-    """A step's per-row inputs (numpy, input_rows order, one rank) with every row padding: cache writes
-    dropped (position cache_len, slot out of range), no token valid, so none is routed to an expert."""
-    fill = {"positions": shape.cache_len, "slot": shape.slots, "top_p": 1.0}
-    return [np.full(a.shape, fill.get(name.removeprefix("decode_"), 0), a.dtype)
+    """A step's per-row inputs (numpy, input_rows order, one rank) with every row padding, slots out of
+    range."""
+    return [np.full(a.shape, padding_value(name.removeprefix("decode_"), shape.cache_len, shape.slots), a.dtype)
             for name, a in zip(input_rows(shape), row_abstract(shape))]
 
 
